@@ -1,0 +1,148 @@
+"""Default (untuned) x86 schedules: parallel over cores, vectorized, correct for any shape.
+
+These are the starting point that runs without tuning records; tuned search spaces replace
+them per workload. Every split uses a divisor of the loop extent, so no template produces
+predicated tails.
+"""
+from __future__ import annotations
+
+from tvm.s_tir import Schedule
+from tvm.tirx import IterVar
+
+from tvm_rbn.build.target import vector_lanes
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+    for d in range(min(n, cap), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def _blocks(sch: Schedule) -> dict[str, object]:
+    root = sch.get_sblock("root")
+    return {sch.get(b).name_hint: b for b in sch.get_child_blocks(root)}
+
+
+def _extents(sch: Schedule, loops) -> list[int]:
+    return [int(sch.get(loop).extent) for loop in loops]
+
+
+def _parallel_vectorize(sch: Schedule, block, lanes: int) -> None:
+    """Spatial block: fuse and parallelize the outer loops, vectorize a divisor of the last."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    inner = loops[-1]
+    extent = _extents(sch, [inner])[0]
+    v = _largest_divisor(extent, lanes)
+    if v > 1:
+        outer_part, inner = sch.split(inner, [None, v])
+        loops = list(loops[:-1]) + [outer_part]
+        sch.vectorize(inner)
+    else:
+        loops = list(loops[:-1]) + [inner]
+    if len(loops) > 1:
+        sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+    elif _extents(sch, loops)[0] > 1:
+        sch.parallel(loops[0])
+
+
+def _schedule_plane_stats(sch: Schedule, blocks: dict) -> None:
+    """tile_sum / tile_m2: one (n, k) plane per task, parallel over planes."""
+    for name in ("tile_sum", "tile_m2"):
+        loops = sch.get_loops(blocks[name])
+        sch.parallel(sch.fuse(loops[0], loops[1]))
+
+
+class ConvTemplate:
+    """conv2d with optional prologue (act, pad) and statistics epilogue.
+
+    Output tile: one output row of `ki` channels x `qi` columns in registers, `qi` vectorized.
+    Parallel over (n, output row); the padded, activated input rows a row needs are computed
+    at that level, once per row task rather than once per use in the reduction.
+    """
+
+    @staticmethod
+    def apply(func, family: str):
+        sch = Schedule(func)
+        blocks = _blocks(sch)
+        if "conv" not in blocks:
+            return None
+        conv = blocks["conv"]
+        dtype = str(sch.get(conv).writes[0].source.dtype)
+        lanes = vector_lanes(family, dtype)
+
+        n, k, p, q, rc, rr, rs = sch.get_loops(conv)
+        ext_k, ext_q = _extents(sch, [k, q])
+        ko, ki = sch.split(k, [None, _largest_divisor(ext_k, 8)])
+        qo, qi = sch.split(q, [None, _largest_divisor(ext_q, 2 * lanes)])
+        sch.reorder(n, p, ko, qo, rc, rr, rs, ki, qi)
+        row = sch.fuse(n, p)
+        sch.parallel(row)
+        acc = sch.cache_write(conv, 0, "local")
+        sch.reverse_compute_at(acc, qo)
+        sch.vectorize(sch.get_loops(acc)[-1])
+        sch.vectorize(qi)
+        sch.unroll(ki)
+        sch.decompose_reduction(conv, rc)
+
+        pad = blocks["pad"]
+        identity_pad = _is_identity_pad(sch, pad)
+        if "act" in blocks:
+            sch.compute_inline(blocks["act"])
+        if identity_pad:
+            sch.compute_inline(pad)
+        else:
+            sch.compute_at(pad, row)
+        if "tile_sum" in blocks:
+            _schedule_plane_stats(sch, blocks)
+        return sch
+
+
+def _is_identity_pad(sch: Schedule, pad) -> bool:
+    (read,) = sch.get(pad).reads
+    return list(sch.get(pad).writes[0].source.shape) == list(read.source.shape)
+
+
+class PlaneStatsTemplate:
+    """tile_sum / tile_m2 of a plain tensor."""
+
+    @staticmethod
+    def apply(func, family: str):
+        sch = Schedule(func)
+        blocks = _blocks(sch)
+        if set(blocks) != {"tile_sum", "tile_m2"}:
+            return None
+        _schedule_plane_stats(sch, blocks)
+        return sch
+
+
+class ElementwiseTemplate:
+    """Everything else: per-channel finalize math and the standalone apply kernel.
+
+    Reductions stay serial (they are over a handful of tiles); spatial blocks are
+    parallelized and vectorized when they are large enough to pay for it.
+    """
+
+    @staticmethod
+    def apply(func, family: str):
+        sch = Schedule(func)
+        for name, block in _blocks(sch).items():
+            if not _is_spatial(sch, block):
+                continue
+            loops = sch.get_loops(block)
+            size = 1
+            for e in _extents(sch, loops):
+                size *= e
+            if size >= 4096:
+                dtype = str(sch.get(block).writes[0].source.dtype)
+                _parallel_vectorize(sch, block, vector_lanes(family, dtype))
+        return sch
+
+
+def _is_spatial(sch: Schedule, block) -> bool:
+    return all(iv.iter_type == IterVar.DataPar for iv in sch.get(block).iter_vars)
+
+
+DEFAULT_TEMPLATES = [ConvTemplate, PlaneStatsTemplate, ElementwiseTemplate]

@@ -1,0 +1,1 @@
+"""Compile kernel specs into one runtime module, export it, cache it on disk."""

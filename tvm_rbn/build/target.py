@@ -1,0 +1,61 @@
+"""Target detection: the hardware family (keys tuning logs and caches) and the TVM target.
+
+The family is read from /proc/cpuinfo without importing TVM, so the runtime can find cached
+libraries; the TVM target (with LLVM's name for the host CPU) is made only when compiling.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+
+
+@functools.lru_cache(maxsize=None)
+def _cpuinfo() -> dict[str, str]:
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if ":" in line:
+                    k, v = line.split(":", 1)
+                    info.setdefault(k.strip(), v.strip())
+    except OSError:
+        pass
+    return info
+
+
+def host_family() -> str:
+    """'x86-avx512', 'x86-avx2', 'x86-64' or the machine name, e.g. 'aarch64'."""
+    machine = platform.machine()
+    if machine not in ("x86_64", "AMD64"):
+        return machine.lower()
+    flags = set(_cpuinfo().get("flags", "").split())
+    if "avx512f" in flags:
+        return "x86-avx512"
+    if "avx2" in flags and "fma" in flags:
+        return "x86-avx2"
+    return "x86-64"
+
+
+def host_description() -> dict:
+    """What a library built for this host depends on: cache key material."""
+    return {"family": host_family(), "cpu": _cpuinfo().get("model name", platform.processor())}
+
+
+def host_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def vector_lanes(family: str, dtype: str) -> int:
+    bits = {"x86-avx512": 512, "x86-avx2": 256}.get(family, 128)
+    return bits // (64 if dtype == "float64" else 32)
+
+
+def host_tvm_target():
+    """The TVM target for this CPU (imports tvm)."""
+    import tvm
+    from tvm.target import codegen
+
+    return tvm.target.Target(
+        {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": host_cores()}
+    )

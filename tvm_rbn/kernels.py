@@ -1,0 +1,97 @@
+"""Kernel specs: the static description of one kernel (operator + shapes + dtype + flags).
+
+A spec is plain data and imports nothing from TVM, so the training path can name, look up and
+call kernels without the compiler. ``KernelSpec.build_args()`` turns it into the TE argument
+list of ``tvm_rbn.ops`` (importing TVM) when a kernel has to be compiled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    op: str
+    params: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def make(cls, op: str, **params: Any) -> "KernelSpec":
+        if op not in _BUILDERS:
+            raise ValueError(f"unknown kernel op {op!r}; known: {sorted(_BUILDERS)}")
+        canon = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
+        return cls(op, tuple(sorted((k, _freeze(v)) for k, v in canon.items())))
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def key(self) -> str:
+        """Canonical JSON; equal specs have equal keys across processes and versions."""
+        return json.dumps({"op": self.op, **{k: _thaw(v) for k, v in self.params}}, sort_keys=True)
+
+    @property
+    def symbol(self) -> str:
+        """The kernel's function name inside a runtime module."""
+        return f"rbn_{self.op}_{hashlib.sha1(self.key.encode()).hexdigest()[:16]}"
+
+    def build_args(self) -> list:
+        """TE tensors and scalar vars of the kernel, inputs, then outputs, then scalars."""
+        return _BUILDERS[self.op](**{k: _thaw(v) for k, v in self.params})
+
+    @classmethod
+    def from_key(cls, key: str) -> "KernelSpec":
+        d = json.loads(key)
+        op = d.pop("op")
+        return cls.make(op, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _freeze(v):
+    return tuple(_freeze(x) for x in v) if isinstance(v, list) else v
+
+
+def _thaw(v):
+    return [_thaw(x) for x in v] if isinstance(v, tuple) else v
+
+
+def _conv2d_fused(n, c, h, w, k, r, s, stride, padding, dtype, prologue_relu, stats):
+    from .ops.conv2d_bn import Conv2dGeometry, conv2d_fused
+
+    geo = Conv2dGeometry(n, c, h, w, k, r, s, tuple(stride), tuple(padding))
+    return conv2d_fused(geo, dtype, prologue_relu, stats)
+
+
+def _bn_finalize(num_tiles, channels, tile_count, dtype, update_running):
+    from .ops.bn import finalize
+
+    return finalize(num_tiles, channels, tile_count, dtype, update_running)
+
+
+def _bn_eval_coeffs(channels, dtype):
+    from .ops.bn import eval_coeffs
+
+    return eval_coeffs(channels, dtype)
+
+
+def _bn_apply(shape, dtype, relu):
+    from .ops.bn import apply
+
+    return apply(tuple(shape), dtype, relu)
+
+
+def _tile_stats(shape, dtype):
+    from .ops.bn import tile_stats
+
+    return tile_stats(tuple(shape), dtype)
+
+
+_BUILDERS: dict[str, Callable[..., list]] = {
+    "conv2d_fused": _conv2d_fused,
+    "bn_finalize": _bn_finalize,
+    "bn_eval_coeffs": _bn_eval_coeffs,
+    "bn_apply": _bn_apply,
+    "tile_stats": _tile_stats,
+}
