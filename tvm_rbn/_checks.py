@@ -11,7 +11,12 @@ class InputError(ValueError):
 
 
 def pair(value, name: str, minimum: int) -> tuple[int, int]:
-    vals = (value, value) if isinstance(value, int) else tuple(value)
+    if isinstance(value, int):
+        vals = (value, value)
+    elif isinstance(value, (tuple, list)):
+        vals = tuple(value)
+    else:
+        raise InputError(f"{name} must be an int or a pair of ints, got {value!r}")
     if len(vals) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
         raise InputError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(vals) < minimum:

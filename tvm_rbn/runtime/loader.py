@@ -11,7 +11,7 @@ Two traps this module exists for:
 from __future__ import annotations
 
 import ctypes
-import importlib.util
+import importlib.metadata
 import os
 import threading
 from pathlib import Path
@@ -22,10 +22,10 @@ _runtime_loaded = False
 
 def runtime_library_path() -> Path:
     """Path of libtvm_runtime.so in the installed apache-tvm wheel, found without importing tvm."""
-    spec = importlib.util.find_spec("tvm")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("apache-tvm is not installed: its runtime library is needed to run kernels")
-    path = Path(next(iter(spec.submodule_search_locations))) / "lib" / "libtvm_runtime.so"
+    try:
+        path = Path(importlib.metadata.distribution("apache-tvm").locate_file("tvm/lib/libtvm_runtime.so"))
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError("apache-tvm is not installed: its runtime library is needed to run kernels") from None
     if not path.exists():
         raise ImportError(f"TVM runtime library not found at {path}")
     return path
