@@ -1,0 +1,47 @@
+"""Timing in alternation: these machines are noisy, so sides take turns and medians are quoted."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+
+def time_alternating(sides: dict[str, Callable[[], object]], reps: int = 15, warmup: int = 3) -> dict[str, dict]:
+    """Run each side once per round, `reps` rounds after `warmup`; per side: median and all times (s)."""
+    for _ in range(warmup):
+        for fn in sides.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(reps):
+        for name, fn in sides.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(ts), "times_s": ts} for name, ts in times.items()}
+
+
+def machine() -> dict:
+    import torch
+
+    import tvm_rbn
+    from tvm_rbn.build.target import _cpuinfo, host_family
+
+    return {
+        "cpu": _cpuinfo().get("model name", platform.processor()),
+        "family": host_family(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "tvm_threads": tvm_rbn.num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def save_json(path: str | os.PathLike, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1))
+    return path
