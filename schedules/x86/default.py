@@ -76,7 +76,7 @@ class ConvTemplate:
         n, k, p, q, rc, rr, rs = sch.get_loops(conv)
         ext_k, ext_q = _extents(sch, [k, q])
         ko, ki = sch.split(k, [None, _largest_divisor(ext_k, 8)])
-        qo, qi = sch.split(q, [None, _largest_divisor(ext_q, 2 * lanes)])
+        qo, qi = sch.split(q, [None, _largest_divisor(ext_q, lanes)])
         sch.reorder(n, p, ko, qo, rc, rr, rs, ki, qi)
         row = sch.fuse(n, p)
         sch.parallel(row)

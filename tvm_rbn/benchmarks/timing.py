@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -28,10 +27,10 @@ def machine() -> dict:
     import torch
 
     import tvm_rbn
-    from tvm_rbn.build.target import _cpuinfo, host_family
+    from tvm_rbn.build.target import cpu_name, host_family
 
     return {
-        "cpu": _cpuinfo().get("model name", platform.processor()),
+        "cpu": cpu_name(),
         "family": host_family(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

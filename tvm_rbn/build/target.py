@@ -37,9 +37,13 @@ def host_family() -> str:
     return "x86-64"
 
 
+def cpu_name() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
 def host_description() -> dict:
     """What a library built for this host depends on: cache key material."""
-    return {"family": host_family(), "cpu": _cpuinfo().get("model name", platform.processor())}
+    return {"family": host_family(), "cpu": cpu_name()}
 
 
 def host_cores() -> int:

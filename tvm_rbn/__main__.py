@@ -1,0 +1,59 @@
+"""Command line: python -m tvm_rbn {demo,info,bench}."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _info(_args) -> int:
+    import torch
+
+    import tvm_rbn
+    from tvm_rbn.build import cache
+    from tvm_rbn.build.target import cpu_name, host_cores, host_family
+
+    print(json.dumps({
+        "tvm_rbn": tvm_rbn.__version__,
+        "versions": cache.versions(),
+        "torch": torch.__version__,
+        "cpu": cpu_name(),
+        "target_family": host_family(),
+        "cores": host_cores(),
+        "threads": {"torch": torch.get_num_threads(), "tvm": tvm_rbn.num_threads()},
+        "cache_dir": str(cache.cache_root()),
+    }, indent=1))
+    return 0
+
+
+def _demo(args) -> int:
+    from tvm_rbn.demo import main
+
+    return main(batch=args.batch, size=args.size)
+
+
+def _bench(args) -> int:
+    from tvm_rbn.benchmarks import layer
+
+    layer.main(args.rest)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tvm_rbn", description="Restructured BatchNorm kernels by Apache TVM.")
+    sub = ap.add_subparsers(dest="verb", required=True)
+    p = sub.add_parser("demo", help="build, run and check the fused forward kernels of a conv-BN-ReLU-conv chain")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=32, help="input height and width")
+    p.set_defaults(run=_demo)
+    p = sub.add_parser("info", help="versions, detected target, thread counts, cache folder")
+    p.set_defaults(run=_info)
+    p = sub.add_parser("bench", help="one fused layer against PyTorch's conv+BN+ReLU (options: bench -- --help)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(run=_bench)
+    args = ap.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
