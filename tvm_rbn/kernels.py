@@ -88,10 +88,51 @@ def _tile_stats(shape, dtype):
     return tile_stats(tuple(shape), dtype)
 
 
+def _geometry(n, c, h, w, k, r, s, stride, padding):
+    from .ops.conv2d_bn import Conv2dGeometry
+
+    return Conv2dGeometry(n, c, h, w, k, r, s, tuple(stride), tuple(padding))
+
+
+def _conv2d_dgrad(n, c, h, w, k, r, s, stride, padding, dtype, grad_prologue, epilogue_relu):
+    from .ops.conv2d_bn_backward import conv2d_dgrad
+
+    return conv2d_dgrad(_geometry(n, c, h, w, k, r, s, stride, padding), dtype, grad_prologue, epilogue_relu)
+
+
+def _conv2d_wgrad(n, c, h, w, k, r, s, stride, padding, dtype, grad_prologue, prologue_relu):
+    from .ops.conv2d_bn_backward import conv2d_wgrad
+
+    return conv2d_wgrad(_geometry(n, c, h, w, k, r, s, stride, padding), dtype, grad_prologue, prologue_relu)
+
+
+def _bn_backward_finalize(num_tiles, channels, tile_count, dtype):
+    from .ops.bn_backward import finalize
+
+    return finalize(num_tiles, channels, tile_count, dtype)
+
+
+def _bn_backward_stats(shape, dtype, relu):
+    from .ops.bn_backward import stats
+
+    return stats(tuple(shape), dtype, relu)
+
+
+def _bn_backward_dx(shape, dtype):
+    from .ops.bn_backward import dx
+
+    return dx(tuple(shape), dtype)
+
+
 _BUILDERS: dict[str, Callable[..., list]] = {
     "conv2d_fused": _conv2d_fused,
     "bn_finalize": _bn_finalize,
     "bn_eval_coeffs": _bn_eval_coeffs,
     "bn_apply": _bn_apply,
     "tile_stats": _tile_stats,
+    "conv2d_dgrad": _conv2d_dgrad,
+    "conv2d_wgrad": _conv2d_wgrad,
+    "bn_backward_finalize": _bn_backward_finalize,
+    "bn_backward_stats": _bn_backward_stats,
+    "bn_backward_dx": _bn_backward_dx,
 }

@@ -10,4 +10,15 @@ Stage names (the contract between ops and schedules):
     ``conv``       the convolution's reduction
     ``tile_sum``   statistics epilogue: per (n, k) plane sum of the output
     ``tile_m2``    statistics epilogue: per plane sum of squared deviations from the plane mean
+
+Backward (``conv2d_bn_backward``, ``bn_backward``):
+    ``grad``         grad prologue: c1*dz + c2*x + c3, the BatchNorm input gradient
+    ``grad_pad``     the gradient with the zero border the data gradient's taps read
+    ``weight_pad``   w with zero taps up to whole taps per stride phase (stride > 1 only)
+    ``dgrad``        the data gradient's reduction (conv_transpose)
+    ``dz``           BatchNorm(+ReLU) backward epilogue: da * [x*scale + shift > 0]
+    ``tile_dbeta``   per (n, c) plane sum of dz
+    ``tile_dgamma``  per (n, c) plane sum of dz*xhat
+    ``wgrad``        the weight gradient's reduction over (n, p, q); its activation operand
+                     is ``act`` + ``pad`` as in the forward
 """
