@@ -11,6 +11,8 @@ from tvm.tirx import IterVar
 
 from tvm_rbn.build.target import vector_lanes
 
+from .backward import BACKWARD_TEMPLATES
+
 
 def _largest_divisor(n: int, cap: int) -> int:
     for d in range(min(n, cap), 0, -1):
@@ -145,4 +147,4 @@ def _is_spatial(sch: Schedule, block) -> bool:
     return all(iv.iter_type == IterVar.DataPar for iv in sch.get(block).iter_vars)
 
 
-DEFAULT_TEMPLATES = [ConvTemplate, PlaneStatsTemplate, ElementwiseTemplate]
+DEFAULT_TEMPLATES = [ConvTemplate, *BACKWARD_TEMPLATES, PlaneStatsTemplate, ElementwiseTemplate]
