@@ -11,6 +11,34 @@ A BatchNorm between two convolutions, restructured:
                          bn.running_mean, bn.running_var, bn.num_batches_tracked,
                          momentum=bn.momentum, eps=bn.eps)               # per channel
     y2 = bn_relu_conv2d(y1, coeffs.scale, coeffs.shift, w2, padding=1)  # prologue + conv
+
+Backward. Only the raw conv outputs (y1, y2 below), the conv weights, the model input and the
+per-channel BNCoefficients are kept from the forward pass; z, the ReLU output and the BatchNorm
+input gradients are recomputed inside the kernels that need them. A chain
+conv1 -> bn1 -> relu -> conv2 -> bn2 -> relu, whose output feeds something else:
+
+    # forward
+    y1, s1, q1 = conv2d_stats(x0, w1, padding=1)
+    bn1 = bn_finalize(s1, q1, tile_count(y1), g1, b1)
+    y2, s2, q2 = bn_relu_conv2d_stats(y1, bn1.scale, bn1.shift, w2, padding=1)
+    bn2 = bn_finalize(s2, q2, tile_count(y2), g2, b2)
+    out = bn_relu(y2, bn2.scale, bn2.shift)                         # chain ends: standalone apply
+
+    # backward, given dout = d loss / d out
+    dz2, tb2, tg2 = bn_relu_backward_stats(dout, y2, bn2)             # standalone epilogue
+    gc2 = bn_backward_finalize(tb2, tg2, tile_count(y2), bn2)         # dgamma2, dbeta2, c1..c3
+    dy2 = bn_input_grad(dz2, y2, gc2)                                 # c1*dz2 + c2*y2 + c3, deferred
+    dw2 = bn_relu_conv2d_wgrad(dy2, y1, bn1.scale, bn1.shift, 3, padding=1)  # both prologues
+    dz1, tb1, tg1 = conv2d_dgrad_bn_relu(dy2, w2, y1, bn1, padding=1)  # prologue + dgrad + epilogue
+    gc1 = bn_backward_finalize(tb1, tg1, tile_count(y1), bn1)
+    dy1 = bn_input_grad(dz1, y1, gc1)
+    dw1 = conv2d_wgrad(dy1, x0, 3, padding=1)                          # chain start: plain input
+    dx0 = conv2d_dgrad(dy1, w1, x0.shape, padding=1)                   # only if x0 needs a gradient
+
+gc1.dgamma, gc1.dbeta, gc2.dgamma, gc2.dbeta, dw1, dw2 and dx0 are the gradients autograd would
+give for x0, w1, w2 and the BatchNorm weights and biases. A BatchNorm without a ReLU passes
+relu=False to the epilogue/prologue functions; where a BatchNorm's input gradient must exist as
+a tensor (its conv input is not one of ours), ``bn_backward_dx`` materializes it.
 """
 from __future__ import annotations
 
@@ -188,3 +216,292 @@ def bn_relu(x, scale, shift, relu=True):
     y = torch.empty_like(x)
     fn(x, scale, shift, y)
     return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward. See the "Backward" section of the module docstring for a worked chain.
+
+
+class BNGradCoefficients(NamedTuple):
+    """Per-channel results of a BatchNorm's backward finalize.
+
+    dgamma, dbeta: the parameter gradients. c1, c2, c3: the input gradient of the BatchNorm
+    is dx = c1*dz + c2*x + c3, with x its raw input (the conv output) and dz the gradient at
+    its output z (after the ReLU mask).
+    """
+
+    dgamma: torch.Tensor
+    dbeta: torch.Tensor
+    c1: torch.Tensor
+    c2: torch.Tensor
+    c3: torch.Tensor
+
+
+class DeferredGrad(NamedTuple):
+    """The gradient c1*dz + c2*x + c3 at a BatchNorm's input, left unmaterialized.
+
+    Passed as `grad` to the dgrad/wgrad functions, it is formed tile by tile in the kernel's
+    prologue instead of being written to memory. Make one with ``bn_input_grad``;
+    ``bn_backward_dx`` materializes it where a consumer needs the tensor.
+    """
+
+    dz: torch.Tensor
+    x: torch.Tensor
+    c1: torch.Tensor
+    c2: torch.Tensor
+    c3: torch.Tensor
+
+
+def _bn_forward_coeffs(coeffs, channels: int, names=("scale", "shift", "mean", "invstd")) -> dict:
+    """The named per-channel tensors of a BNCoefficients (forward) tuple, validated."""
+    if not all(hasattr(coeffs, name) for name in names):
+        raise check.InputError(
+            f"coeffs must be the BNCoefficients returned by bn_finalize (with {', '.join(names)}), "
+            f"got {type(coeffs).__name__}"
+        )
+    out = {}
+    for name in names:
+        t = check.tensor(getattr(coeffs, name), f"coeffs.{name}", 1)
+        check.shape(t, f"coeffs.{name}", (channels,))
+        out[name] = t
+    return out
+
+
+def _deferred(dz, x, c1, c2, c3) -> DeferredGrad:
+    dz = check.tensor(dz, "dz", 4)
+    x = check.tensor(x, "x", 4)
+    check.shape(x, "x", tuple(dz.shape))
+    channels = dz.shape[1]
+    cs = []
+    for name, t in (("c1", c1), ("c2", c2), ("c3", c3)):
+        t = check.tensor(t, name, 1)
+        check.shape(t, name, (channels,))
+        cs.append(t)
+    check.same_dtype(dz=dz, x=x, c1=cs[0], c2=cs[1], c3=cs[2])
+    return DeferredGrad(dz, x, *cs)
+
+
+def bn_input_grad(dz, x, grad_coeffs: BNGradCoefficients) -> DeferredGrad:
+    """The BatchNorm input gradient c1*dz + c2*x + c3, deferred to the next kernel's prologue.
+
+    dz: the gradient at the BatchNorm output (from the dgrad epilogue or
+    ``bn_relu_backward_stats``); x: the BatchNorm's raw input; grad_coeffs: from
+    ``bn_backward_finalize``. No kernel runs.
+    """
+    if not isinstance(grad_coeffs, BNGradCoefficients):
+        raise check.InputError(
+            f"grad_coeffs must be the BNGradCoefficients returned by bn_backward_finalize, "
+            f"got {type(grad_coeffs).__name__}"
+        )
+    return _deferred(dz, x, grad_coeffs.c1, grad_coeffs.c2, grad_coeffs.c3)
+
+
+def _grad_operand(grad) -> tuple[list, bool]:
+    """Kernel arguments for a conv output gradient: [grad] or [dz, x, c1, c2, c3]."""
+    if isinstance(grad, DeferredGrad):
+        return list(_deferred(*grad)), True
+    if isinstance(grad, torch.Tensor):
+        return [check.tensor(grad, "grad", 4)], False
+    raise check.InputError(
+        f"grad must be a torch.Tensor or a DeferredGrad (from bn_input_grad), got {type(grad).__name__}"
+    )
+
+
+def _backward_geometry(grad_args, channels: int, hw, kernel_size, stride, padding) -> dict:
+    """Check a conv's backward operands against each other; returns the kernel spec params."""
+    g = grad_args[0]
+    n, k, p, q = g.shape
+    stride = check.pair(stride, "stride", 1)
+    padding = check.pair(padding, "padding", 0)
+    r, s = check.pair(kernel_size, "kernel_size", 1)
+    h, w = hw
+    ep = (h + 2 * padding[0] - r) // stride[0] + 1
+    eq = (w + 2 * padding[1] - s) // stride[1] + 1
+    if ep <= 0 or eq <= 0:
+        raise check.InputError(
+            f"kernel {r}x{s} with padding {padding} does not fit input {h}x{w}: output would be {ep}x{eq}"
+        )
+    if (p, q) != (ep, eq):
+        raise check.InputError(
+            f"grad has spatial size {p}x{q}, but a {r}x{s} conv with stride {stride} and padding {padding} "
+            f"of a {h}x{w} input gives {ep}x{eq}"
+        )
+    return dict(n=n, c=channels, h=h, w=w, k=k, r=r, s=s, stride=stride, padding=padding)
+
+
+def _input_hw(input_size, n: int, c: int) -> tuple[int, int]:
+    size = tuple(input_size) if not isinstance(input_size, int) else (input_size, input_size)
+    if len(size) == 4:
+        if size[:2] != (n, c):
+            raise check.InputError(
+                f"input_size {tuple(input_size)} does not match grad batch {n} and weight input channels {c}"
+            )
+        size = size[2:]
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise check.InputError(f"input_size must be (H, W) or (N, C, H, W) positive ints, got {input_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def _dgrad(grad, weight, x_raw, coeffs, input_size, stride, padding, relu):
+    grad_args, prologue = _grad_operand(grad)
+    weight = check.tensor(weight, "weight", 4)
+    k, c, r, s = weight.shape
+    n, gk = grad_args[0].shape[:2]
+    if gk != k:
+        raise check.InputError(
+            f"grad has {gk} channels (shape {tuple(grad_args[0].shape)}) but weight has {k} output channels "
+            f"(shape {tuple(weight.shape)})"
+        )
+    tensors = {"grad": grad_args[0], "weight": weight}
+    ep_args = []
+    if x_raw is not None:
+        x_raw = check.tensor(x_raw, "x_raw", 4)
+        if tuple(x_raw.shape[:2]) != (n, c):
+            raise check.InputError(
+                f"x_raw has shape {tuple(x_raw.shape)}; expected batch {n} and {c} channels (the weight's input)"
+            )
+        input_size = x_raw.shape[2:]
+        names = ("scale", "shift", "mean", "invstd") if relu else ("mean", "invstd")
+        ct = _bn_forward_coeffs(coeffs, c, names)
+        ep_args = [x_raw, *ct.values()]
+        tensors.update(x_raw=x_raw, **ct)
+    dtype = check.same_dtype(**tensors)
+    params = _backward_geometry(grad_args, c, _input_hw(input_size, n, c), (r, s), stride, padding)
+    spec = KernelSpec.make(
+        "conv2d_dgrad", **params, dtype=check.dtype_name(dtype), grad_prologue=prologue,
+        epilogue_relu=relu if x_raw is not None else None,
+    )
+    fn = kernel(spec)
+    g0 = grad_args[0]
+    shape = (n, c, params["h"], params["w"])
+    if x_raw is None:
+        da = g0.new_empty(shape)
+        fn(*grad_args, weight, da)
+        return da
+    dz, tile_dbeta, tile_dgamma = g0.new_empty(shape), g0.new_empty((n, c)), g0.new_empty((n, c))
+    fn(*grad_args, weight, *ep_args, dz, tile_dbeta, tile_dgamma)
+    return dz, tile_dbeta, tile_dgamma
+
+
+def conv2d_dgrad(grad, weight, input_size, stride=1, padding=0):
+    """Data gradient of conv2d(x, weight): conv_transpose2d(grad, weight) at the input's size.
+
+    grad: the gradient at the conv output (N, K, P, Q), a tensor or a ``DeferredGrad``.
+    input_size: the conv input's (H, W) or (N, C, H, W); it settles the rows/columns a
+    stride > 1 leaves uncovered (they get zero gradient). For the chain's first conv.
+    """
+    return _dgrad(grad, weight, None, None, input_size, stride, padding, None)
+
+
+def conv2d_dgrad_bn_relu(grad, weight, x_raw, coeffs, stride=1, padding=0, relu=True):
+    """Data gradient with the epilogue of the BatchNorm(+ReLU) that produced the conv input.
+
+    The conv read a = relu(x_raw*scale + shift) (``bn_relu_conv2d``); x_raw is the stored raw
+    output of the previous conv and coeffs its forward ``BNCoefficients``. Computes
+    da = conv_transpose2d(grad, weight), dz = da * [x_raw*scale + shift > 0] (dz = da with
+    relu=False), and per (n, c) plane the partials of dbeta = sum dz and
+    dgamma = sum dz*xhat. Returns (dz, tile_dbeta, tile_dgamma) for ``bn_backward_finalize``.
+    """
+    if x_raw is None:
+        raise check.InputError("x_raw is required (use conv2d_dgrad for a conv without a BatchNorm before it)")
+    return _dgrad(grad, weight, x_raw, coeffs, None, stride, padding, bool(relu))
+
+
+def _wgrad(grad, x, scale, shift, kernel_size, stride, padding, relu):
+    grad_args, prologue = _grad_operand(grad)
+    x = check.tensor(x, "x", 4)
+    n, c, h, w = x.shape
+    if grad_args[0].shape[0] != n:
+        raise check.InputError(
+            f"grad has batch {grad_args[0].shape[0]} (shape {tuple(grad_args[0].shape)}) but x has {n} "
+            f"(shape {tuple(x.shape)})"
+        )
+    tensors = {"grad": grad_args[0], "x": x}
+    act = []
+    if relu is not None:
+        scale, shift = check.tensor(scale, "scale", 1), check.tensor(shift, "shift", 1)
+        check.shape(scale, "scale", (c,))
+        check.shape(shift, "shift", (c,))
+        tensors.update(scale=scale, shift=shift)
+        act = [scale, shift]
+    dtype = check.same_dtype(**tensors)
+    params = _backward_geometry(grad_args, c, (h, w), kernel_size, stride, padding)
+    spec = KernelSpec.make(
+        "conv2d_wgrad", **params, dtype=check.dtype_name(dtype), grad_prologue=prologue, prologue_relu=relu
+    )
+    dw = x.new_empty((params["k"], c, params["r"], params["s"]))
+    kernel(spec)(*grad_args, x, *act, dw)
+    return dw
+
+
+def conv2d_wgrad(grad, x, kernel_size, stride=1, padding=0):
+    """Weight gradient of conv2d(x, w) for a plain input x: dw of shape (K, C, R, S).
+
+    grad: the gradient at the conv output, a tensor or a ``DeferredGrad``; kernel_size:
+    (R, S) or an int.
+    """
+    return _wgrad(grad, x, None, None, kernel_size, stride, padding, None)
+
+
+def bn_relu_conv2d_wgrad(grad, x, scale, shift, kernel_size, stride=1, padding=0, relu=True):
+    """Weight gradient of bn_relu_conv2d: the input relu(x*scale + shift), zero-padded after
+    the ReLU, is recomputed from the stored raw x in the kernel's prologue."""
+    return _wgrad(grad, x, scale, shift, kernel_size, stride, padding, bool(relu))
+
+
+def bn_backward_finalize(tile_dbeta, tile_dgamma, tile_count: int, coeffs) -> BNGradCoefficients:
+    """Training-mode BatchNorm backward, per channel, from the per-tile partials.
+
+    coeffs: the forward ``BNCoefficients`` of this BatchNorm (scale, mean, invstd are used);
+    tile_count: elements per tile (``tile_count(x_raw)``). Returns dgamma, dbeta (the
+    parameter gradients; ignore them for affine=False) and c1, c2, c3 of the input gradient.
+    """
+    tile_dbeta = check.tensor(tile_dbeta, "tile_dbeta", 2)
+    tile_dgamma = check.tensor(tile_dgamma, "tile_dgamma", 2)
+    check.shape(tile_dgamma, "tile_dgamma", tuple(tile_dbeta.shape))
+    tiles, channels = tile_dbeta.shape
+    if not isinstance(tile_count, int) or isinstance(tile_count, bool) or tile_count < 1:
+        raise check.InputError(f"tile_count must be a positive int, got {tile_count!r}")
+    ct = _bn_forward_coeffs(coeffs, channels, ("scale", "mean", "invstd"))
+    dtype = check.same_dtype(tile_dbeta=tile_dbeta, tile_dgamma=tile_dgamma, **ct)
+    fn = kernel(KernelSpec.make(
+        "bn_backward_finalize", num_tiles=tiles, channels=channels, tile_count=tile_count,
+        dtype=check.dtype_name(dtype),
+    ))
+    out = [tile_dbeta.new_empty(channels) for _ in range(5)]
+    fn(tile_dbeta, tile_dgamma, ct["scale"], ct["mean"], ct["invstd"], *out)
+    return BNGradCoefficients(*out)
+
+
+def bn_relu_backward_stats(da, x_raw, coeffs, relu=True):
+    """Standalone BatchNorm(+ReLU) backward epilogue, for a BatchNorm whose output does not
+    feed one of our convolutions.
+
+    da: the gradient at the ReLU output (or at the BatchNorm output with relu=False); x_raw:
+    the BatchNorm's raw input; coeffs: its forward ``BNCoefficients``. Returns
+    (dz, tile_dbeta, tile_dgamma) as ``conv2d_dgrad_bn_relu`` does.
+    """
+    da = check.tensor(da, "da", 4)
+    x_raw = check.tensor(x_raw, "x_raw", 4)
+    check.shape(x_raw, "x_raw", tuple(da.shape))
+    relu = bool(relu)
+    names = ("scale", "shift", "mean", "invstd") if relu else ("mean", "invstd")
+    ct = _bn_forward_coeffs(coeffs, da.shape[1], names)
+    dtype = check.same_dtype(da=da, x_raw=x_raw, **ct)
+    fn = kernel(KernelSpec.make("bn_backward_stats", shape=tuple(da.shape), dtype=check.dtype_name(dtype), relu=relu))
+    dz, tile_dbeta, tile_dgamma = torch.empty_like(da), da.new_empty(da.shape[:2]), da.new_empty(da.shape[:2])
+    fn(da, x_raw, *ct.values(), dz, tile_dbeta, tile_dgamma)
+    return dz, tile_dbeta, tile_dgamma
+
+
+def bn_backward_dx(dz, x, grad_coeffs: BNGradCoefficients):
+    """Standalone BatchNorm input gradient dx = c1*dz + c2*x + c3, materialized.
+
+    For where the gradient does not go into one of our convolutions (which take a
+    ``DeferredGrad`` instead), e.g. the chain's input is the output of a pooling layer.
+    """
+    d = bn_input_grad(dz, x, grad_coeffs)
+    fn = kernel(KernelSpec.make("bn_backward_dx", shape=tuple(d.dz.shape), dtype=check.dtype_name(d.dz.dtype)))
+    dx = torch.empty_like(d.dz)
+    fn(*d, dx)
+    return dx
