@@ -1,0 +1,104 @@
+"""The PyTorch bridge: ``restructure(model)`` and ``report(model)``."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from .graph import BNDecision, rewrite
+
+_REPORT_ATTR = "_tvm_rbn_report"
+
+
+@dataclass
+class BNReport:
+    """One BatchNorm layer of the original model."""
+
+    name: str
+    restructured: bool
+    reason: str
+    tuned: bool
+    stats: str
+    apply: str
+
+
+class Report(list):
+    """A list of BNReport, printed as a table."""
+
+    def __str__(self) -> str:
+        rows = [("name", "restructured", "tuned", "statistics", "apply", "reason")]
+        rows += [(r.name, "yes" if r.restructured else "no", "yes" if r.tuned else "no", r.stats, r.apply, r.reason)
+                 for r in self]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        done = sum(r.restructured for r in self)
+        lines.append(f"{done}/{len(self)} BatchNorm layers restructured")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _trace(module: nn.Module):
+    try:
+        return fx.symbolic_trace(module), ""
+    except Exception as exc:  # noqa: BLE001  (any tracing failure means: try the children)
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _restructure(module: nn.Module, prefix: str) -> tuple[nn.Module, list[BNDecision]]:
+    gm, why = _trace(module)
+    if gm is not None:
+        return gm, rewrite(gm, prefix)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module, [BNDecision(prefix.rstrip("."), False, f"inside a module that torch.fx cannot trace ({why})")]
+    if not list(module.children()):
+        return module, []
+    # Not traceable as a whole: keep this module, restructure each child on its own.
+    shell = copy.copy(module)
+    shell._modules = dict(module._modules)
+    decisions = []
+    for name, child in module.named_children():
+        new, child_decisions = _restructure(child, f"{prefix}{name}.")
+        shell._modules[name] = new
+        decisions += child_decisions
+    return shell, decisions
+
+
+def restructure(model: nn.Module, *, target=None, tuning_logs=None, library=None) -> nn.Module:
+    """Return `model` with its BatchNorm2d layers restructured onto tvm_rbn's fused kernels.
+
+    The result shares parameters and buffers with `model` (same names, same tensors), so
+    state_dicts load both ways and optimizers built on either keep working. `target=None`
+    means the device of the model's parameters (the host CPU); `library` is a prebuilt kernel
+    library folder, used as is.
+    """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if target not in (None, "cpu", "llvm") or device.type != "cpu":
+        raise NotImplementedError(f"tvm_rbn kernels are built for the host CPU; got target={target!r}, model on {device}")
+    if tuning_logs is not None:
+        raise NotImplementedError("tuning_logs: the tuning pipeline is not available yet")
+    if library is not None:
+        from ..build.provider import add_library
+
+        add_library(library)
+    new, decisions = _restructure(model, "")
+    new.train(model.training)
+    by_name = {d.name: d for d in decisions}
+    entries = Report()
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            continue
+        d = by_name.get(name) or BNDecision(name, False, "not reached by tracing (not called in forward?)")
+        entries.append(BNReport(d.name, d.restructured, d.reason, False, d.stats, ", ".join(d.apply)))
+    object.__setattr__(new, _REPORT_ATTR, entries)
+    return new
+
+
+def report(model: nn.Module) -> Report:
+    """What `restructure` did to each BatchNorm layer of the original model."""
+    entries = getattr(model, _REPORT_ATTR, None)
+    if entries is None:
+        raise ValueError("this model was not returned by tvm_rbn.restructure")
+    return entries

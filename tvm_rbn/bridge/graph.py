@@ -1,0 +1,178 @@
+"""Find the BatchNorm chains of a traced model and rewrite them onto the fused ops.
+
+For every BatchNorm2d node:
+  producer   the Conv2d that feeds it (and nothing else) gets the statistics epilogue: both
+             become one RBNBatchNorm2d node returning (raw y, scale, shift); otherwise the
+             statistics come from a standalone kernel;
+  activation the BN output, or the ReLU that is its only user;
+  consumers  each Conv2d reading the activation as its input takes (y, scale, shift) and
+             applies BN(+ReLU) in its prologue; any other user reads one materialized
+             activation (standalone apply kernel).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from .modules import RBNBatchNorm2d, RBNConv2d, bn_apply
+
+
+@dataclass
+class BNDecision:
+    name: str
+    restructured: bool
+    reason: str = ""
+    stats: str = ""  # where the statistics come from
+    apply: list[str] = field(default_factory=list)  # where the apply(+ReLU) happens
+
+
+def conv_unsupported(conv: nn.Module) -> str:
+    """Why a conv cannot carry fused sub-layers ('' if it can)."""
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} is not a plain Conv2d"
+    if conv.groups != 1:
+        return f"groups={conv.groups} (only groups=1 is supported)"
+    if tuple(conv.dilation) != (1, 1):
+        return f"dilation={tuple(conv.dilation)} (only 1 is supported)"
+    if conv.bias is not None:
+        return "conv has a bias (fused convs have none; a bias before BatchNorm is redundant)"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r} (only explicit padding is supported)"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (only zeros)"
+    return ""
+
+
+def bn_unsupported(bn: nn.Module) -> str:
+    if type(bn) is not nn.BatchNorm2d:
+        return f"{type(bn).__name__} is not a plain BatchNorm2d"
+    return ""
+
+
+def _is_relu(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return type(modules[node.target]) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in (torch.relu, torch.nn.functional.relu, torch.relu_)
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _module(node: fx.Node, modules: dict):
+    return modules.get(node.target) if node.op == "call_module" else None
+
+
+def _call_counts(graph: fx.Graph) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            counts[n.target] = counts.get(n.target, 0) + 1
+    return counts
+
+
+def _set_module(gm: fx.GraphModule, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, new)
+
+
+def rewrite(gm: fx.GraphModule, prefix: str = "") -> list[BNDecision]:
+    """Rewrite `gm` in place (its graph and its own submodule slots); returns one decision per BN."""
+    graph = gm.graph
+    modules = dict(gm.named_modules())
+    calls = _call_counts(graph)
+    decisions: list[BNDecision] = []
+    act_info: dict[fx.Node, tuple] = {}  # activation node -> (y, scale, shift, relu, decision)
+    dead: list[fx.Node] = []  # old nodes to erase, users before producers
+
+    def single_use(node: fx.Node) -> bool:
+        return calls.get(node.target, 0) == 1
+
+    for node in list(graph.nodes):
+        bn = _module(node, modules)
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            continue
+        name = prefix + node.target
+        reason = bn_unsupported(bn) or ("" if single_use(node) else "module is called more than once")
+        if not reason and len(node.args) != 1:
+            reason = "unexpected call signature"
+        if reason:
+            decisions.append(BNDecision(name, False, reason))
+            continue
+        decision = BNDecision(name, True)
+        src = node.args[0]
+        conv = _module(src, modules) if isinstance(src, fx.Node) else None
+        fuse_conv = (
+            conv is not None and not conv_unsupported(conv) and len(src.users) == 1 and single_use(src)
+            and len(src.args) == 1 and not src.kwargs
+        )
+        with graph.inserting_before(node):
+            if fuse_conv:
+                conv_in = src.args[0]
+                prologue = act_info.get(conv_in)
+                weight = graph.get_attr(src.target + ".weight")
+                if prologue is not None:
+                    args = (prologue[0], prologue[1], prologue[2], weight)
+                    prologue[4].apply.append(f"prologue of {prefix}{src.target}")
+                else:
+                    args = (conv_in, None, None, weight)
+                relu_in = prologue[3] if prologue is not None else False
+                decision.stats = f"epilogue of {prefix}{src.target}"
+                dead.append(src)
+            else:
+                args = (_materialize(graph, src, act_info),) if src in act_info else (src,)
+                relu_in = False
+                why = conv_unsupported(conv) if conv is not None and conv_unsupported(conv) else "input is not a conv output"
+                decision.stats = f"standalone ({why})"
+            new = graph.call_module(node.target, args)
+            y, scale, shift = (graph.call_function(operator.getitem, (new, i)) for i in range(3))
+        _set_module(gm, node.target, RBNBatchNorm2d.from_batchnorm(bn, conv if fuse_conv else None, relu_in))
+
+        users = list(node.users)
+        if len(users) == 1 and _is_relu(users[0], modules) and users[0].args[0] is node:
+            act, relu = users[0], True
+            dead.extend([act, node])
+        else:
+            act, relu = node, False
+            dead.append(node)
+        act_info[act] = (y, scale, shift, relu, decision)
+        decisions.append(decision)
+
+    for act in list(act_info):
+        y, scale, shift, relu, decision = act_info[act][:5]
+        for user in list(act.users):
+            if user in dead:
+                continue
+            conv = _module(user, modules)
+            if (conv is not None and not conv_unsupported(conv) and single_use(user) and len(user.args) == 1
+                    and user.args[0] is act and not user.kwargs):
+                with graph.inserting_before(user):
+                    new = graph.call_module(user.target, (y, scale, shift))
+                user.replace_all_uses_with(new)
+                graph.erase_node(user)
+                _set_module(gm, user.target, RBNConv2d.from_conv(conv, relu))
+                decision.apply.append(f"prologue of {prefix}{user.target}")
+            else:
+                user.replace_input_with(act, _materialize(graph, act, act_info))
+                decision.apply.append(f"standalone for {prefix}{user.name}")
+
+    doomed = set(dead)
+    for node in reversed(list(graph.nodes)):  # users before the nodes they use
+        if node in doomed:
+            graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    return decisions
+
+
+def _materialize(graph: fx.Graph, act: fx.Node, act_info: dict) -> fx.Node:
+    """One standalone apply node per activation, created on first need."""
+    info = act_info[act]
+    if len(info) == 6:
+        return info[5]
+    y, scale, shift, relu, _ = info
+    with graph.inserting_after(shift):
+        node = graph.call_function(bn_apply, (y, scale, shift, relu))
+    act_info[act] = (*info, node)
+    return node

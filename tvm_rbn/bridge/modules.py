@@ -1,0 +1,94 @@
+"""Drop-in modules of a restructured graph. They subclass the modules they replace and share
+their parameters and buffers (same tensors, same names), so state_dicts load both ways and an
+optimizer built on the original model keeps working."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops  # noqa: F401  (registers torch.ops.tvm_rbn)
+
+
+def bn_apply(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool) -> torch.Tensor:
+    """Materialized relu(y*scale + shift), for consumers that are not fused convolutions."""
+    return torch.ops.tvm_rbn.bn_apply(y, scale, shift, relu)
+
+
+def _share(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Make `new` hold exactly `old`'s parameters, buffers and flags."""
+    # containers (parameters, buffers, hooks) are copied, their contents (the tensors) shared
+    new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in old.__dict__.items()})
+    return new
+
+
+class RBNBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d restructured: returns (raw y, scale, shift) instead of the normalized tensor.
+
+    With `conv_stride`/`conv_padding` set, the conv that produces its input is fused in: the
+    node is called with the conv's input (raw, or as the previous BN's (y, scale, shift)) and
+    the conv weight, and the statistics come from the conv's epilogue.
+    """
+
+    conv_stride: tuple[int, int] | None = None
+    conv_padding: tuple[int, int] | None = None
+    relu_in: bool = False
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d | None, relu_in: bool) -> "RBNBatchNorm2d":
+        new = _share(cls.__new__(cls), bn)
+        if conv is not None:
+            new.conv_stride, new.conv_padding = tuple(conv.stride), tuple(conv.padding)
+        new.relu_in = relu_in
+        return new
+
+    def forward(self, x, scale_in=None, shift_in=None, conv_weight=None):
+        if x.dim() != 4:
+            raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+        x = x.contiguous()
+        use_batch_stats = self.training or self.running_mean is None
+        update = self.training and self.track_running_stats
+        if not use_batch_stats:
+            y = x if conv_weight is None else torch.ops.tvm_rbn.conv_prologue(
+                x, scale_in, shift_in, self.relu_in, conv_weight, list(self.conv_stride), list(self.conv_padding))
+            scale = torch.rsqrt(self.running_var + self.eps)
+            if self.weight is not None:
+                scale = self.weight * scale
+            shift = -self.running_mean * scale
+            if self.bias is not None:
+                shift = self.bias + shift
+            return y, scale, shift
+        factor = 0.0
+        if update:
+            self.num_batches_tracked.add_(1)
+            factor = float(self.momentum) if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        rm = self.running_mean if update else None
+        rv = self.running_var if update else None
+        if conv_weight is None:
+            scale, shift, _, _, new_rm, new_rv = torch.ops.tvm_rbn.bn_train(
+                x, self.weight, self.bias, rm, rv, self.eps, factor)
+            y = x
+        else:
+            y, scale, shift, _, _, new_rm, new_rv = torch.ops.tvm_rbn.conv_bn_train(
+                x, scale_in, shift_in, self.relu_in, conv_weight, list(self.conv_stride), list(self.conv_padding),
+                self.weight, self.bias, rm, rv, self.eps, factor)
+        if update:
+            with torch.no_grad():
+                self.running_mean.copy_(new_rm)
+                self.running_var.copy_(new_rv)
+        return y, scale, shift
+
+
+class RBNConv2d(nn.Conv2d):
+    """A Conv2d whose input is a BatchNorm's (y, scale, shift): apply(+ReLU) fused as prologue."""
+
+    relu_in: bool = True
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, relu_in: bool) -> "RBNConv2d":
+        new = _share(cls.__new__(cls), conv)
+        new.relu_in = relu_in
+        return new
+
+    def forward(self, y, scale, shift):
+        return torch.ops.tvm_rbn.conv_prologue(
+            y, scale, shift, self.relu_in, self.weight, list(self.stride), list(self.padding))
