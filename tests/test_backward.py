@@ -1,6 +1,8 @@
 """Backward fused sub-layers: each kernel against its reference, chains against torch autograd."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -387,3 +389,19 @@ def test_other_backward_validation(no_kernels):
         rbn.bn_backward_finalize(torch.randn(2, 3), torch.randn(2, 3), 0, co)
     with pytest.raises(InputError, match="x_raw has shape"):
         rbn.bn_relu_backward_stats(dz, torch.randn(2, 3, 4, 5), co)
+
+
+def test_backward_chain_benchmark_runs(tmp_path):
+    """The benchmark script end to end on a tiny chain: JSON written, gradients agree."""
+    from tvm_rbn.benchmarks import backward_chain
+
+    out = tmp_path / "bc.json"
+    backward_chain.main(["--n", "1", "--c", "4", "--k", "8", "--hw", "6", "--reps", "10", "--warmup", "1",
+                         "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert set(r["median_s"]) == {"tvm_rbn", "torch_autograd"}
+    assert all(len(ts) == 10 for ts in r["times_s"].values())
+    assert r["machine"]["tvm_threads"] >= 1 and r["machine"]["torch_threads"] >= 1
+    worst = max(r["max_rel_diff_vs_torch"].values())
+    assert worst < 1e-4, f"benchmark gradients differ from torch by {worst:.3e}"
+    assert r["saved_for_backward_bytes"]["tvm_rbn"] < r["saved_for_backward_bytes"]["torch_autograd"]
