@@ -93,6 +93,7 @@ def restructure(model: nn.Module, *, target=None, tuning_logs=None, library=None
         d = by_name.get(name) or BNDecision(name, False, "not reached by tracing (not called in forward?)")
         entries.append(BNReport(d.name, d.restructured, d.reason, False, d.stats, ", ".join(d.apply)))
     object.__setattr__(new, _REPORT_ATTR, entries)
+    new.register_forward_hook(_warn_untuned)
     return new
 
 
@@ -102,3 +103,24 @@ def report(model: nn.Module) -> Report:
     if entries is None:
         raise ValueError("this model was not returned by tvm_rbn.restructure")
     return entries
+
+
+def _warn_untuned(module, inputs, output) -> None:
+    """Forward hook of a restructured model: one warning per call that loaded untuned kernels."""
+    from ..build.provider import take_built_untuned
+
+    specs = take_built_untuned()
+    if specs:
+        import warnings
+
+        ops = sorted({s.op for s in specs})
+        warnings.warn(
+            f"tvm_rbn: {len(specs)} kernel(s) run with untuned default schedules ({', '.join(ops)}); "
+            f"first: {specs[0].key}",
+            UntunedKernelWarning,
+            stacklevel=2,
+        )
+
+
+class UntunedKernelWarning(UserWarning):
+    """Kernels without tuning records run with the default schedules (correct, slower)."""

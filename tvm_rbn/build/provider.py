@@ -5,7 +5,9 @@ does not.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections import Counter
 
 from ..kernels import KernelSpec
 from ..runtime.library import KernelLibrary
@@ -13,6 +15,36 @@ from ..runtime.library import KernelLibrary
 _lock = threading.RLock()
 _libraries: list[KernelLibrary] = []
 _functions: dict[str, object] = {}
+_recorders: list[Counter] = []
+_dry_run = threading.local()
+_built_untuned: list[KernelSpec] = []
+
+
+@contextlib.contextmanager
+def record(dry_run: bool = False):
+    """Count the kernels requested inside the block; with dry_run, kernels are not built or
+    run (outputs stay uninitialized): a cheap way to list the workloads of a model."""
+    counts: Counter = Counter()
+    _recorders.append(counts)
+    previous = getattr(_dry_run, "on", False)
+    _dry_run.on = previous or dry_run
+    try:
+        yield counts
+    finally:
+        _dry_run.on = previous
+        _recorders.remove(counts)
+
+
+def _skip(*_args) -> None:
+    return None
+
+
+def take_built_untuned() -> list[KernelSpec]:
+    """Specs built with untuned default schedules since the last call."""
+    with _lock:
+        out = list(_built_untuned)
+        _built_untuned.clear()
+        return out
 
 
 def add_library(directory) -> KernelLibrary:
@@ -25,16 +57,30 @@ def add_library(directory) -> KernelLibrary:
 
 def prepare(specs: list[KernelSpec]) -> None:
     """Build (or load from the cache) one library holding every missing spec."""
-    from .compile import build_cached
-
     with _lock:
-        missing = [s for s in specs if not _find(s.symbol)]
-        if missing:
-            add_library(build_cached(missing))
+        missing = list({s.symbol: s for s in specs if not _find(s.symbol)}.values())
+        if not missing:
+            return
+        try:
+            from .compile import build_cached
+
+            lib = add_library(build_cached(missing))
+        except ImportError as exc:
+            names = ", ".join(s.key for s in missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise RuntimeError(
+                f"{len(missing)} kernel(s) are in no loaded library and the TVM compiler is unavailable "
+                f"({exc}); build a library for this model and input shape first. Missing: {names}"
+            ) from exc
+        tuned = {k["symbol"] for k in lib.manifest["kernels"] if k.get("tuned")}
+        _built_untuned.extend(s for s in missing if s.symbol not in tuned)
 
 
 def kernel(spec: KernelSpec):
     """The callable kernel for `spec`; builds it on first use."""
+    for counts in _recorders:
+        counts[spec] += 1
+    if getattr(_dry_run, "on", False):
+        return _skip
     fn = _functions.get(spec.symbol)
     if fn is not None:
         return fn
