@@ -260,6 +260,8 @@ CHAINS = [
     ("1x1-then-1x1s2-odd7-bn1-no-relu", 3, 5, 12, 16, 7, (1, 1, 0), (1, 2, 0), False, True),
     ("3x3-odd7-batch1-end-no-relu", 1, 6, 10, 18, 7, (3, 1, 1), (3, 1, 1), True, False),
     ("1x1-then-3x3s2-uncovered-batch4", 4, 8, 16, 8, (10, 6), (1, 1, 0), (3, 2, 0), True, True),
+    ("2x2-to-1x1-spatial-projection", 2, 16, 16, 32, 2, (3, 1, 1), (1, 2, 0), True, True),
+    ("1x1-spatial-3x3-pad1", 2, 8, 16, 16, 1, (3, 1, 1), (3, 1, 1), True, True),
 ]
 
 

@@ -16,6 +16,11 @@ from tvm.tirx import IterVar
 from tvm_rbn.build.target import vector_lanes
 
 
+# Input rows per dgrad task: the gradient rows they read (R-1 more than the task's rows, per
+# stride phase) are formed once per task, so more rows per task recompute the overlap less.
+ROWS_PER_TASK = 4
+
+
 def _helpers():
     from . import default
 
@@ -37,20 +42,29 @@ def _schedule_spatial_root(sch: Schedule, block, lanes: int) -> None:
     _helpers()._parallel_vectorize(sch, block, lanes)
 
 
+def _vectorize_inner(sch: Schedule, block, lanes: int) -> None:
+    """Vectorize a divisor of a block's innermost loop."""
+    h = _helpers()
+    inner = sch.get_loops(block)[-1]
+    v = h._largest_divisor(h._extents(sch, [inner])[0], lanes)
+    if v > 1:
+        sch.vectorize(sch.split(inner, [None, v])[1])
+
+
 def _iter_order(sch: Schedule, block, order: list) -> None:
     """Reorder a block's iteration variables: ("write", i) names the variable indexing
-    dimension i of what the block writes; None stands for its (single) reduction variable.
-    The loops that compute_at / reverse_compute_at create follow this order."""
+    dimension i of what the block writes; None stands for its reduction variables (in their
+    order). The loops that compute_at / reverse_compute_at create follow this order."""
     sblock = sch.get(block)
     region = sblock.writes[0].region
     positions = []
     for item in order:
         if item is None:
-            (pos,) = [i for i, iv in enumerate(sblock.iter_vars) if iv.iter_type != IterVar.DataPar]
+            positions += [i for i, iv in enumerate(sblock.iter_vars) if iv.iter_type != IterVar.DataPar]
         else:
             var = region[item[1]].min
             (pos,) = [i for i, iv in enumerate(sblock.iter_vars) if iv.var.same_as(var)]
-        positions.append(pos)
+            positions.append(pos)
     sch.reorder_block_iter_var(block, positions)
 
 
@@ -64,14 +78,21 @@ def _row_partials(sch: Schedule, block, row, lanes: int) -> None:
     h = _helpers()
     n, c, rh, rw = sch.get_loops(block)
     ext_w = h._extents(sch, [rw])[0]
-    rwo, rwi = sch.split(rw, [None, h._largest_divisor(ext_w, lanes)])
+    lane = h._largest_divisor(ext_w, lanes)
+    rwo, rwi = sch.split(rw, [None, lane])
     sch.reorder(n, c, rwo, rh, rwi)
     rf = sch.rfactor(sch.fuse(rh, rwi), factor_axis=2)
     _iter_order(sch, rf, [("write", 0), ("write", 1), None, ("write", 2)])
-    sch.reverse_compute_at(rf, row)
-    wo, hv = sch.get_loops(rf)[-2:]
-    sch.vectorize(hv)
-    sch.decompose_reduction(rf, wo)
+    sch.reverse_compute_at(rf, row, preserve_unit_loops=True)
+    loops = sch.get_loops(rf)
+    below = [i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(row))][0] + 1
+    reductions, hv = loops[below + 1:-1], loops[-1]  # below the row: c, reduction loops, hv
+    # the task's rows x lanes: one row's lanes per vector
+    hvo, hvi = sch.split(hv, [None, lane])
+    sch.reorder(hvo, *reductions, hvi)
+    if lane > 1:
+        sch.vectorize(hvi)
+    sch.decompose_reduction(rf, reductions[0])
     n, c = sch.get_loops(block)[:2]
     sch.parallel(sch.fuse(n, c))
 
@@ -79,8 +100,8 @@ def _row_partials(sch: Schedule, block, row, lanes: int) -> None:
 class DgradTemplate:
     """Data-gradient convolution with optional grad prologue and BatchNorm epilogue.
 
-    Tile: one input row (n, h) of `ci` channels x `wi` columns, `wi` vectorized, reduced over
-    (k, taps) with the tile in registers. Parallel over (n, h) rows. The gradient rows a row
+    Tile: one input row (n, h) of `ci` channels x `ui` columns of one stride phase, `ui`
+    vectorized, reduced over (k, taps) with the tile in registers. Parallel over (n, h) rows. The gradient rows a row
     needs (grad prologue applied, zero-bordered) are formed once per row task. The epilogue's
     ReLU mask is applied while the tile is in registers and dz is written once; the row's
     contributions to the per-plane partials are added up by the same task while the row is
@@ -98,22 +119,26 @@ class DgradTemplate:
         lanes = vector_lanes(family, _dtype(sch, dgrad))
         epilogue = "dz" in blocks
 
-        n, c, y, x, rk, ri, rj = sch.get_loops(dgrad)
-        ext_c, ext_x = h._extents(sch, [c, x])
+        n, c, y, t, u, rk, ri, rj = sch.get_loops(dgrad)
+        ext_c, ext_y, ext_u = h._extents(sch, [c, y, u])
         co, ci = sch.split(c, [None, h._largest_divisor(ext_c, 8)])
-        xo, xi = sch.split(x, [None, h._largest_divisor(ext_x, lanes)])
-        sch.reorder(n, y, co, xo, rk, ri, rj, ci, xi)
-        row = sch.fuse(n, y)
+        yo, yi = sch.split(y, [None, h._largest_divisor(ext_y, ROWS_PER_TASK)])
+        uo, ui = sch.split(u, [None, h._largest_divisor(ext_u, lanes)])
+        sch.reorder(n, yo, yi, co, t, uo, rk, ri, rj, ci, ui)
+        row = sch.fuse(n, yo)
         sch.parallel(row)
+        # da never leaves the task: the tile of `ci` channels x one row is accumulated in a
+        # local buffer (one vector of a phase's columns at a time, in registers), then written
+        # out in NCHW, through the dz epilogue when there is one.
+        sch.set_scope(dgrad, 0, "local")
         if epilogue:
-            # da never leaves registers: the dz stage consumes each tile where it is made.
-            sch.set_scope(dgrad, 0, "local")
+            sch.compute_inline(blocks["da"])
             out = blocks["dz"]
         else:
-            out = sch.cache_write(dgrad, 0, "local")
-        sch.reverse_compute_at(out, xo)
-        sch.vectorize(sch.get_loops(out)[-1])
-        sch.vectorize(xi)
+            out = blocks["da"]
+        sch.reverse_compute_at(out, co)
+        _vectorize_inner(sch, out, lanes)
+        sch.vectorize(ui)
         sch.unroll(ci)
         sch.decompose_reduction(dgrad, rk)
 
@@ -124,10 +149,14 @@ class DgradTemplate:
             sch.compute_inline(gpad)
             if "grad" in blocks:
                 sch.compute_at(blocks["grad"], row)
+                _vectorize_inner(sch, blocks["grad"], lanes)
         else:
-            if "grad" in blocks:
-                sch.compute_inline(blocks["grad"])
             sch.compute_at(gpad, row)
+            if "grad" in blocks:
+                # the prologue over the task's gradient rows, vectorized, before the zero border
+                # is added around them
+                sch.compute_at(blocks["grad"], row)
+                _vectorize_inner(sch, blocks["grad"], lanes)
         if epilogue:
             for name in ("tile_dbeta", "tile_dgamma"):
                 _row_partials(sch, blocks[name], row, lanes)

@@ -52,16 +52,28 @@ class DgradLayout:
     def __init__(self, size: int, out: int, kernel: int, stride: int, pad: int):
         self.size, self.out, self.kernel, self.stride, self.pad = size, out, kernel, stride, pad
         self.taps = _ceil_div(kernel, stride)  # taps per phase
-        # Gradient row p is stored at p + offset; reads are at (h+pad)//stride - i + offset >= 0.
+        self.blocks = _ceil_div(size, stride)  # positions per phase, h = blocks_index*stride + phase
+        # Gradient row p is stored at p + offset; reads are at (h+pad)//stride - i + offset >= 0,
+        # for h up to blocks*stride - 1 (positions past size-1 are computed in phase form, unused).
         self.offset = max(0, self.taps - 1 - pad // stride)
-        self.padded = (size - 1 + pad) // stride + self.offset + 1
+        self.padded = (self.blocks * stride - 1 + pad) // stride + self.offset + 1
         self.kernel_padded = self.taps * stride
 
     def grad_index(self, h, i):
+        """Gradient row read by tap i of input row h."""
         return tirx.floordiv(h + self.pad, self.stride) - i + self.offset
 
     def tap_index(self, h, i):
+        """Weight row of tap i of input row h."""
         return tirx.floormod(h + self.pad, self.stride) + i * self.stride
+
+    def phase_grad_index(self, t, u, i):
+        """grad_index of position h = u*stride + t: affine in u, for vectors along u."""
+        return u + tirx.floordiv(t + self.pad, self.stride) - i + self.offset
+
+    def phase_tap_index(self, t, i):
+        """tap_index of position h = u*stride + t: the same for every u of phase t."""
+        return tirx.floormod(t + self.pad, self.stride) + i * self.stride
 
 
 def grad_prologue(dz: te.Tensor, x: te.Tensor, c1: te.Tensor, c2: te.Tensor, c3: te.Tensor) -> te.Tensor:
@@ -115,18 +127,29 @@ def weight_pad(w: te.Tensor, rows: DgradLayout, cols: DgradLayout) -> te.Tensor:
 
 
 def dgrad_nchw(g_pad: te.Tensor, w_pad: te.Tensor, geo: Conv2dGeometry, rows: DgradLayout, cols: DgradLayout):
-    """Stage ``dgrad``: da = conv_transpose(g, w), one phase's taps per input position."""
+    """Stages ``dgrad`` and ``da``: da = conv_transpose(g, w), one phase's taps per position.
+
+    ``dgrad`` holds the columns phase-major, dgrad[n, c, h, t, u] = da[n, c, h, u*sw + t], so a
+    vector along u reads consecutive gradient columns with one weight tap per phase (a vector
+    along w of a strided conv would mix phases). ``da`` is the NCHW view of it.
+    """
     rk = te.reduce_axis((0, geo.k), "rk")
     ri = te.reduce_axis((0, rows.taps), "ri")
     rj = te.reduce_axis((0, cols.taps), "rj")
-    return te.compute(
-        (geo.n, geo.c, geo.h, geo.w),
-        lambda n, c, h, w: te.sum(
-            g_pad[n, rk, rows.grad_index(h, ri), cols.grad_index(w, rj)]
-            * w_pad[rk, c, rows.tap_index(h, ri), cols.tap_index(w, rj)],
+    sw = cols.stride
+    dgrad = te.compute(
+        (geo.n, geo.c, geo.h, sw, cols.blocks),
+        lambda n, c, h, t, u: te.sum(
+            g_pad[n, rk, rows.grad_index(h, ri), cols.phase_grad_index(t, u, rj)]
+            * w_pad[rk, c, rows.tap_index(h, ri), cols.phase_tap_index(t, rj)],
             axis=[rk, ri, rj],
         ),
         name="dgrad",
+    )
+    return te.compute(
+        (geo.n, geo.c, geo.h, geo.w),
+        lambda n, c, h, w: dgrad[n, c, h, tirx.floormod(w, sw), tirx.floordiv(w, sw)],
+        name="da",
     )
 
 
