@@ -15,12 +15,18 @@ os.environ.setdefault("TVM_RBN_CACHE_DIR", tempfile.mkdtemp(prefix="tvm_rbn_test
 TOLERANCES = {
     torch.float32: dict(atol=1e-4, rtol=1e-4),
     torch.float64: dict(atol=1e-10, rtol=1e-10),
+    # Five free-running SGD steps of a deep model in fp64: a rounding difference of 1e-13 in
+    # the first step's gradients grows ~10x per step (measured on resnet50 at 64x64, batch 4,
+    # where layer4's BatchNorms normalize over 16 values, with lr 1e-4), so step 5 agrees to ~1e-8.
+    "float64-after-sgd-steps": dict(atol=1e-7, rtol=1e-7),
 }
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, scale: float | None = None) -> None:
-    """Compare with the table's tolerance; `scale` (default: max |expected|, at least 1) sets atol's unit."""
-    tol = TOLERANCES[expected.dtype]
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, scale: float | None = None,
+                 tolerance: str | None = None) -> None:
+    """Compare with the table's tolerance (by dtype, or the named entry); `scale` (default:
+    max |expected|, at least 1) sets atol's unit."""
+    tol = TOLERANCES[tolerance or expected.dtype]
     unit = scale if scale is not None else max(1.0, expected.abs().max().item())
     diff = (actual - expected).abs()
     bound = tol["atol"] * unit + tol["rtol"] * expected.abs()
