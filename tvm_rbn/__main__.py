@@ -29,7 +29,7 @@ def _info(_args) -> int:
 def _demo(args) -> int:
     from tvm_rbn.demo import main
 
-    return main(batch=args.batch, size=args.size)
+    return main(args.model, batch=args.batch, size=args.size, steps=args.steps)
 
 
 def _bench(argv: list[str]) -> int:
@@ -40,11 +40,15 @@ def _bench(argv: list[str]) -> int:
 
 
 def main(argv=None) -> int:
+    from tvm_rbn.models import MODELS
+
     ap = argparse.ArgumentParser(prog="python -m tvm_rbn", description="Restructured BatchNorm kernels by Apache TVM.")
     sub = ap.add_subparsers(dest="verb", required=True)
-    p = sub.add_parser("demo", help="build, run and check the fused forward kernels of a conv-BN-ReLU-conv chain")
+    p = sub.add_parser("demo", help="train a restructured model next to the unchanged PyTorch model")
+    p.add_argument("--model", default="resnet18", choices=sorted(MODELS))
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--size", type=int, default=32, help="input height and width")
+    p.add_argument("--size", type=int, default=64, help="input height and width")
+    p.add_argument("--steps", type=int, default=6)
     p.set_defaults(run=_demo)
     p = sub.add_parser("info", help="versions, detected target, thread counts, cache folder")
     p.set_defaults(run=_info)

@@ -1,78 +1,123 @@
-"""The main job (for now): a conv-BN-ReLU-conv chain's forward pass, restructured.
+"""The main job: train a restructured model next to the unchanged PyTorch model.
 
-Builds the fused forward kernels for the host CPU, runs a few training-mode steps and one
-eval step, checks every output and the running statistics against PyTorch's modules, and
-prints what it did and how long each part took.
+Both start from the same weights and see the same synthetic batches; SGD with momentum and
+weight decay, fp32. Prints per-step losses side by side, the largest parameter difference
+after training next to how far PyTorch's own fp32 training drifts from the same training in
+fp64 (random-label training amplifies rounding: one ReLU input within rounding of zero flips
+its mask and moves every gradient upstream of it), and the median step time of each (steps
+alternate between the two models). The math itself is checked in fp64 first: one training
+step of the restructured model against PyTorch, every gradient and running statistic.
 """
 from __future__ import annotations
 
+import copy
+import statistics
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-from . import functional as rbn
-from .benchmarks.timing import machine, time_alternating
-from .build.target import host_family
+import tvm_rbn
+
+from .benchmarks.timing import machine
+from .build import provider
+from .build.workloads import extract
+from .models import MODELS
+
+LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-4
 
 
-def chain_modules(c_in=32, c_mid=64, c_out=64):
-    torch.manual_seed(0)
-    conv1 = torch.nn.Conv2d(c_in, c_mid, 3, padding=1, bias=False)
-    bn = torch.nn.BatchNorm2d(c_mid)
-    conv2 = torch.nn.Conv2d(c_mid, c_out, 3, padding=1, bias=False)
-    return conv1, bn, conv2
+def _sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
 
-def restructured_forward(x, conv1, bn, conv2):
-    """conv1 + stats epilogue -> finalize -> apply+ReLU prologue + conv2 + stats epilogue."""
-    y1, tile_sum, tile_m2 = rbn.conv2d_stats(x, conv1.weight, conv1.stride, conv1.padding)
-    if bn.training:
-        coeffs = rbn.bn_finalize(tile_sum, tile_m2, rbn.tile_count(y1), bn.weight, bn.bias, bn.running_mean,
-                                 bn.running_var, bn.num_batches_tracked, momentum=bn.momentum, eps=bn.eps)
-        scale, shift = coeffs.scale, coeffs.shift
-    else:
-        scale, shift = rbn.bn_eval_coefficients(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
-    return rbn.bn_relu_conv2d_stats(y1, scale, shift, conv2.weight, conv2.stride, conv2.padding)
+def _step(model, optimizer, x, target, seed: int) -> float:
+    torch.manual_seed(seed)  # the same dropout masks for every model
+    loss = F.cross_entropy(model(x), target)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
-@torch.no_grad()
-def main(batch=8, size=32, steps=3) -> int:
-    m = machine()
-    print(f"tvm_rbn demo on {m['cpu']} ({host_family()}), threads: torch {m['torch_threads']}, tvm {m['tvm_threads']}")
-    conv1, bn_ref, conv2 = chain_modules()
-    bn_ours = torch.nn.BatchNorm2d(bn_ref.num_features)
-    bn_ours.load_state_dict(bn_ref.state_dict())
-    print(f"chain: conv3x3 {conv1.in_channels}->{conv1.out_channels} -> BN -> ReLU -> "
-          f"conv3x3 {conv2.in_channels}->{conv2.out_channels}, input {batch}x{conv1.in_channels}x{size}x{size}, fp32")
+def _max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return max((x.double() - y.double()).abs().max().item() for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
-    start = time.perf_counter()
-    restructured_forward(torch.randn(batch, conv1.in_channels, size, size), conv1, bn_ours, conv2)
-    print(f"built (or loaded from cache) and ran the fused kernels in {time.perf_counter() - start:.2f} s")
-    bn_ours.load_state_dict(bn_ref.state_dict())
 
+def _prepare(model: torch.nn.Module, shape, dtype) -> int:
+    workloads = extract(model, shape, dtype)
+    provider.prepare([spec for spec, _ in workloads])
+    provider.take_built_untuned()
+    return len(workloads)
+
+
+def _fp64_check(reference: torch.nn.Module, shape, classes: int) -> float:
+    """Largest relative difference of one fp64 training step: gradients and running statistics."""
+    ref = copy.deepcopy(reference).double()
+    ours = tvm_rbn.restructure(copy.deepcopy(ref))
+    _prepare(ref, shape, torch.float64)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    target = torch.randint(0, classes, (shape[0],), generator=g)
+    for m in (ours, ref):
+        torch.manual_seed(0)
+        F.cross_entropy(m(x), target).backward()
     worst = 0.0
-    for step in range(steps):
-        x = torch.randn(batch, conv1.in_channels, size, size) * (1 + step) + step
-        ours = restructured_forward(x, conv1, bn_ours, conv2)[0]
-        ref = conv2(F.relu(bn_ref(conv1(x))))
-        worst = max(worst, (ours - ref).abs().max().item() / ref.abs().max().item())
-    stats_diff = max((bn_ours.running_mean - bn_ref.running_mean).abs().max().item(),
-                     (bn_ours.running_var - bn_ref.running_var).abs().max().item())
-    bn_ours.eval(), bn_ref.eval()
-    x = torch.randn(batch, conv1.in_channels, size, size)
-    eval_diff = (restructured_forward(x, conv1, bn_ours, conv2)[0] - conv2(F.relu(bn_ref(conv1(x))))).abs().max().item()
-    ok = worst < 1e-4 and stats_diff < 1e-5 and eval_diff < 1e-3
-    print(f"training steps: {steps}, max relative output diff vs PyTorch {worst:.1e}; "
-          f"running stats max diff {stats_diff:.1e}; eval output max diff {eval_diff:.1e} -> {'OK' if ok else 'MISMATCH'}")
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        worst = max(worst, ((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-300)).item())
+    for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+        if "running" in name:
+            worst = max(worst, ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item())
+    return worst
 
-    bn_ours.train(), bn_ref.train()
-    x = torch.randn(batch, conv1.in_channels, size, size)
-    t = time_alternating({
-        "tvm_rbn": lambda: restructured_forward(x, conv1, bn_ours, conv2),
-        "pytorch": lambda: conv2(F.relu(bn_ref(conv1(x)))),
-    }, reps=15)
-    ours_ms, torch_ms = t["tvm_rbn"]["median_s"] * 1e3, t["pytorch"]["median_s"] * 1e3
-    print(f"forward of the chain, median of 15 (alternating): tvm_rbn {ours_ms:.2f} ms, PyTorch {torch_ms:.2f} ms "
-          f"({torch_ms / ours_ms:.2f}x); kernels use the untuned default schedules")
-    return 0 if ok else 1
+
+def main(model_name="resnet18", batch=8, size=64, steps=6, classes=10) -> int:
+    m = machine()
+    print(f"tvm_rbn demo on {m['cpu']} ({m['family']}), threads: torch {m['torch_threads']}, tvm {m['tvm_threads']}")
+    torch.manual_seed(0)
+    reference = MODELS[model_name](num_classes=classes)
+    exact = copy.deepcopy(reference).double()
+    model = tvm_rbn.restructure(copy.deepcopy(reference))
+    rep = tvm_rbn.report(model)
+    print(f"{model_name}: {sum(r.restructured for r in rep)}/{len(rep)} BatchNorm layers restructured "
+          f"(tvm_rbn.report(model) lists each)")
+    shape = (batch, 3, size, size)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tvm_rbn.UntunedKernelWarning)
+        start = time.perf_counter()
+        count = _prepare(reference, shape, torch.float32)
+        print(f"input {shape}: {count} fused kernels built or loaded from the cache in "
+              f"{time.perf_counter() - start:.1f} s (untuned default schedules)")
+        start = time.perf_counter()
+        math_error = _fp64_check(reference, shape, classes)
+        exact_math = math_error < 1e-8
+        print(f"fp64 check of one training step (every gradient and running statistic vs PyTorch): "
+              f"largest relative difference {math_error:.1e} -> {'OK' if exact_math else 'MISMATCH'} "
+              f"({time.perf_counter() - start:.1f} s)")
+
+        opts = {"ours": _sgd(model), "ref": _sgd(reference), "exact": _sgd(exact)}
+        g = torch.Generator().manual_seed(1)
+        times = {"tvm_rbn": [], "pytorch": []}
+        print(f"{'step':>4}  {'loss tvm_rbn':>12}  {'loss pytorch':>12}  {'ms tvm_rbn':>10}  {'ms pytorch':>10}")
+        for step in range(steps):
+            x = torch.randn(shape, generator=g)
+            target = torch.randint(0, classes, (batch,), generator=g)
+            t0 = time.perf_counter()
+            ours = _step(model, opts["ours"], x, target, step)
+            t1 = time.perf_counter()
+            ref = _step(reference, opts["ref"], x, target, step)
+            t2 = time.perf_counter()
+            _step(exact, opts["exact"], x.double(), target, step)
+            times["tvm_rbn"].append(t1 - t0)
+            times["pytorch"].append(t2 - t1)
+            print(f"{step:>4}  {ours:>12.6f}  {ref:>12.6f}  {(t1 - t0) * 1e3:>10.1f}  {(t2 - t1) * 1e3:>10.1f}")
+    warm = slice(1, None) if steps > 1 else slice(None)
+    med = {k: statistics.median(v[warm]) for k, v in times.items()}
+    print(f"largest parameter/buffer difference after {steps} fp32 steps: tvm_rbn vs PyTorch "
+          f"{_max_difference(model, reference):.2e}; PyTorch fp32 vs the same training in fp64 "
+          f"{_max_difference(reference, exact):.2e} (rounding alone)")
+    print(f"median step time (after the first step): tvm_rbn {med['tvm_rbn'] * 1e3:.1f} ms, "
+          f"pytorch {med['pytorch'] * 1e3:.1f} ms -> {med['pytorch'] / med['tvm_rbn']:.2f}x")
+    return 0 if exact_math else 1

@@ -2,10 +2,10 @@
 
 For every BatchNorm2d node:
   producer   the Conv2d that feeds it (and nothing else) gets the statistics epilogue: both
-             become one RBNBatchNorm2d node returning (raw y, scale, shift); otherwise the
+             become one RBNBatchNorm2d node returning (raw y, coeffs); otherwise the
              statistics come from a standalone kernel;
   activation the BN output, or the ReLU that is its only user;
-  consumers  each Conv2d reading the activation as its input takes (y, scale, shift) and
+  consumers  each Conv2d reading the activation as its input takes (y, coeffs) and
              applies BN(+ReLU) in its prologue; any other user reads one materialized
              activation (standalone apply kernel).
 """
@@ -83,7 +83,7 @@ def rewrite(gm: fx.GraphModule, prefix: str = "") -> list[BNDecision]:
     modules = dict(gm.named_modules())
     calls = _call_counts(graph)
     decisions: list[BNDecision] = []
-    act_info: dict[fx.Node, tuple] = {}  # activation node -> (y, scale, shift, relu, decision)
+    act_info: dict[fx.Node, tuple] = {}  # activation node -> (y, coeffs, relu, decision[, applied])
     dead: list[fx.Node] = []  # old nodes to erase, users before producers
 
     def single_use(node: fx.Node) -> bool:
@@ -113,11 +113,11 @@ def rewrite(gm: fx.GraphModule, prefix: str = "") -> list[BNDecision]:
                 prologue = act_info.get(conv_in)
                 weight = graph.get_attr(src.target + ".weight")
                 if prologue is not None:
-                    args = (prologue[0], prologue[1], prologue[2], weight)
-                    prologue[4].apply.append(f"prologue of {prefix}{src.target}")
+                    args = (prologue[0], prologue[1], weight)
+                    prologue[3].apply.append(f"prologue of {prefix}{src.target}")
                 else:
-                    args = (conv_in, None, None, weight)
-                relu_in = prologue[3] if prologue is not None else False
+                    args = (conv_in, None, weight)
+                relu_in = prologue[2] if prologue is not None else False
                 decision.stats = f"epilogue of {prefix}{src.target}"
                 dead.append(src)
             else:
@@ -126,7 +126,7 @@ def rewrite(gm: fx.GraphModule, prefix: str = "") -> list[BNDecision]:
                 why = conv_unsupported(conv) if conv is not None and conv_unsupported(conv) else "input is not a conv output"
                 decision.stats = f"standalone ({why})"
             new = graph.call_module(node.target, args)
-            y, scale, shift = (graph.call_function(operator.getitem, (new, i)) for i in range(3))
+            y, coeffs = (graph.call_function(operator.getitem, (new, i)) for i in range(2))
         _set_module(gm, node.target, RBNBatchNorm2d.from_batchnorm(bn, conv if fuse_conv else None, relu_in))
 
         users = list(node.users)
@@ -136,11 +136,11 @@ def rewrite(gm: fx.GraphModule, prefix: str = "") -> list[BNDecision]:
         else:
             act, relu = node, False
             dead.append(node)
-        act_info[act] = (y, scale, shift, relu, decision)
+        act_info[act] = (y, coeffs, relu, decision)
         decisions.append(decision)
 
     for act in list(act_info):
-        y, scale, shift, relu, decision = act_info[act][:5]
+        y, coeffs, relu, decision = act_info[act][:4]
         for user in list(act.users):
             if user in dead:
                 continue
@@ -148,7 +148,7 @@ def rewrite(gm: fx.GraphModule, prefix: str = "") -> list[BNDecision]:
             if (conv is not None and not conv_unsupported(conv) and single_use(user) and len(user.args) == 1
                     and user.args[0] is act and not user.kwargs):
                 with graph.inserting_before(user):
-                    new = graph.call_module(user.target, (y, scale, shift))
+                    new = graph.call_module(user.target, (y, coeffs))
                 user.replace_all_uses_with(new)
                 graph.erase_node(user)
                 _set_module(gm, user.target, RBNConv2d.from_conv(conv, relu))
@@ -169,10 +169,10 @@ def rewrite(gm: fx.GraphModule, prefix: str = "") -> list[BNDecision]:
 def _materialize(graph: fx.Graph, act: fx.Node, act_info: dict) -> fx.Node:
     """One standalone apply node per activation, created on first need."""
     info = act_info[act]
-    if len(info) == 6:
-        return info[5]
-    y, scale, shift, relu, _ = info
-    with graph.inserting_after(shift):
-        node = graph.call_function(bn_apply, (y, scale, shift, relu))
+    if len(info) == 5:
+        return info[4]
+    y, coeffs, relu, _ = info
+    with graph.inserting_after(coeffs):
+        node = graph.call_function(bn_apply, (y, coeffs, relu))
     act_info[act] = (*info, node)
     return node

@@ -9,9 +9,9 @@ from torch import nn
 from . import ops  # noqa: F401  (registers torch.ops.tvm_rbn)
 
 
-def bn_apply(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool) -> torch.Tensor:
+def bn_apply(y: torch.Tensor, coeffs: torch.Tensor, relu: bool) -> torch.Tensor:
     """Materialized relu(y*scale + shift), for consumers that are not fused convolutions."""
-    return torch.ops.tvm_rbn.bn_apply(y, scale, shift, relu)
+    return torch.ops.tvm_rbn.bn_apply(y, coeffs, relu)
 
 
 def _share(new: nn.Module, old: nn.Module) -> nn.Module:
@@ -22,11 +22,12 @@ def _share(new: nn.Module, old: nn.Module) -> nn.Module:
 
 
 class RBNBatchNorm2d(nn.BatchNorm2d):
-    """A BatchNorm2d restructured: returns (raw y, scale, shift) instead of the normalized tensor.
+    """A BatchNorm2d restructured: returns (raw y, coeffs) instead of the normalized tensor
+    (coeffs: see tvm_rbn.bridge.ops).
 
     With `conv_stride`/`conv_padding` set, the conv that produces its input is fused in: the
-    node is called with the conv's input (raw, or as the previous BN's (y, scale, shift)) and
-    the conv weight, and the statistics come from the conv's epilogue.
+    node is called with the conv's input (raw, or as the previous BN's (y, coeffs)) and the
+    conv weight, and the statistics come from the conv's epilogue.
     """
 
     conv_stride: tuple[int, int] | None = None
@@ -41,22 +42,21 @@ class RBNBatchNorm2d(nn.BatchNorm2d):
         new.relu_in = relu_in
         return new
 
-    def forward(self, x, scale_in=None, shift_in=None, conv_weight=None):
+    def forward(self, x, coeffs_in=None, conv_weight=None):
         if x.dim() != 4:
             raise ValueError(f"expected 4D input (got {x.dim()}D input)")
         x = x.contiguous()
         use_batch_stats = self.training or self.running_mean is None
         update = self.training and self.track_running_stats
         if not use_batch_stats:
-            y = x if conv_weight is None else torch.ops.tvm_rbn.conv_prologue(
-                x, scale_in, shift_in, self.relu_in, conv_weight, list(self.conv_stride), list(self.conv_padding))
-            scale = torch.rsqrt(self.running_var + self.eps)
-            if self.weight is not None:
-                scale = self.weight * scale
-            shift = -self.running_mean * scale
-            if self.bias is not None:
-                shift = self.bias + shift
-            return y, scale, shift
+            stride, padding = self.conv_stride, self.conv_padding
+            if conv_weight is None:
+                y = x
+            elif coeffs_in is None:
+                y = torch.nn.functional.conv2d(x, conv_weight, stride=stride, padding=padding)
+            else:
+                y = torch.ops.tvm_rbn.conv_prologue(x, coeffs_in, self.relu_in, conv_weight, list(stride), list(padding))
+            return y, torch.ops.tvm_rbn.bn_eval(self.weight, self.bias, self.running_mean, self.running_var, self.eps)
         factor = 0.0
         if update:
             self.num_batches_tracked.add_(1)
@@ -64,22 +64,21 @@ class RBNBatchNorm2d(nn.BatchNorm2d):
         rm = self.running_mean if update else None
         rv = self.running_var if update else None
         if conv_weight is None:
-            scale, shift, _, _, new_rm, new_rv = torch.ops.tvm_rbn.bn_train(
-                x, self.weight, self.bias, rm, rv, self.eps, factor)
+            coeffs, new_rm, new_rv = torch.ops.tvm_rbn.bn_train(x, self.weight, self.bias, rm, rv, self.eps, factor)
             y = x
         else:
-            y, scale, shift, _, _, new_rm, new_rv = torch.ops.tvm_rbn.conv_bn_train(
-                x, scale_in, shift_in, self.relu_in, conv_weight, list(self.conv_stride), list(self.conv_padding),
+            y, coeffs, new_rm, new_rv = torch.ops.tvm_rbn.conv_bn_train(
+                x, coeffs_in, self.relu_in, conv_weight, list(self.conv_stride), list(self.conv_padding),
                 self.weight, self.bias, rm, rv, self.eps, factor)
         if update:
             with torch.no_grad():
                 self.running_mean.copy_(new_rm)
                 self.running_var.copy_(new_rv)
-        return y, scale, shift
+        return y, coeffs
 
 
 class RBNConv2d(nn.Conv2d):
-    """A Conv2d whose input is a BatchNorm's (y, scale, shift): apply(+ReLU) fused as prologue."""
+    """A Conv2d whose input is a BatchNorm's (y, coeffs): apply(+ReLU) fused as prologue."""
 
     relu_in: bool = True
 
@@ -89,6 +88,5 @@ class RBNConv2d(nn.Conv2d):
         new.relu_in = relu_in
         return new
 
-    def forward(self, y, scale, shift):
-        return torch.ops.tvm_rbn.conv_prologue(
-            y, scale, shift, self.relu_in, self.weight, list(self.stride), list(self.padding))
+    def forward(self, y, coeffs):
+        return torch.ops.tvm_rbn.conv_prologue(y, coeffs, self.relu_in, self.weight, list(self.stride), list(self.padding))
