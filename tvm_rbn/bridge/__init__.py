@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import fx, nn
@@ -22,6 +23,12 @@ class BNReport:
     tuned: bool
     stats: str
     apply: str
+
+
+def _is_tunable_symbol(symbol: str) -> bool:
+    from ..tuning.tasks import TUNABLE_OPS
+
+    return any(symbol.startswith(f"rbn_{op}_") for op in TUNABLE_OPS)
 
 
 class Report(list):
@@ -71,18 +78,27 @@ def restructure(model: nn.Module, *, target=None, tuning_logs=None, library=None
 
     The result shares parameters and buffers with `model` (same names, same tensors), so
     state_dicts load both ways and optimizers built on either keep working. `target=None`
-    means the device of the model's parameters (the host CPU); `library` is a prebuilt kernel
-    library folder, used as is.
+    means the device of the model's parameters (the host CPU); `tuning_logs` is a tuning-log
+    folder (or a root holding one per target family) whose records kernels are built from,
+    instead of the records committed with tvm_rbn; `library` is a prebuilt kernel library
+    folder, used as is.
     """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if target not in (None, "cpu", "llvm") or device.type != "cpu":
         raise NotImplementedError(f"tvm_rbn kernels are built for the host CPU; got target={target!r}, model on {device}")
-    if tuning_logs is not None:
-        raise NotImplementedError("tuning_logs: the tuning pipeline is not available yet")
-    if library is not None:
-        from ..build.provider import add_library
+    from ..build import provider
 
-        add_library(library)
+    if tuning_logs is not None:
+        from ..build.target import host_family
+        from ..tuning import records
+
+        root = Path(tuning_logs)
+        folder = root / host_family() if (root / host_family()).is_dir() else root
+        if records.has_records(folder):
+            records.validate(folder, host_family())  # a bad log is refused before anything runs
+        provider.set_tuning_logs(folder)
+    if library is not None:
+        provider.add_library(library)
     new, decisions = _restructure(model, "")
     new.train(model.training)
     by_name = {d.name: d for d in decisions}
@@ -91,18 +107,29 @@ def restructure(model: nn.Module, *, target=None, tuning_logs=None, library=None
         if not isinstance(m, nn.modules.batchnorm._BatchNorm):
             continue
         d = by_name.get(name) or BNDecision(name, False, "not reached by tracing (not called in forward?)")
-        entries.append(BNReport(d.name, d.restructured, d.reason, False, d.stats, ", ".join(d.apply)))
+        entries.append((BNReport(d.name, d.restructured, d.reason, False, d.stats, ", ".join(d.apply)), d.kernels))
     object.__setattr__(new, _REPORT_ATTR, entries)
     new.register_forward_hook(_warn_untuned)
     return new
 
 
 def report(model: nn.Module) -> Report:
-    """What `restructure` did to each BatchNorm layer of the original model."""
+    """What `restructure` did to each BatchNorm layer of the original model.
+
+    `tuned`: every convolution kernel run so far for the BatchNorm (its producer conv with the
+    statistics epilogue, the convs carrying its apply prologue, forward and backward) was built
+    from tuning records; False before the model has run.
+    """
+    from ..build.provider import is_tuned
+
     entries = getattr(model, _REPORT_ATTR, None)
     if entries is None:
         raise ValueError("this model was not returned by tvm_rbn.restructure")
-    return entries
+    out = Report()
+    for row, kernels in entries:
+        tunable = [s for s in kernels if _is_tunable_symbol(s)]
+        out.append(replace(row, tuned=bool(tunable) and all(is_tuned(s) for s in tunable)))
+    return out
 
 
 def _warn_untuned(module, inputs, output) -> None:

@@ -27,6 +27,7 @@ class BNDecision:
     reason: str = ""
     stats: str = ""  # where the statistics come from
     apply: list[str] = field(default_factory=list)  # where the apply(+ReLU) happens
+    kernels: set = field(default_factory=set)  # symbols of the kernels run for this BN
 
 
 def conv_unsupported(conv: nn.Module) -> str:
@@ -127,7 +128,9 @@ def rewrite(gm: fx.GraphModule, prefix: str = "") -> list[BNDecision]:
                 decision.stats = f"standalone ({why})"
             new = graph.call_module(node.target, args)
             y, coeffs = (graph.call_function(operator.getitem, (new, i)) for i in range(2))
-        _set_module(gm, node.target, RBNBatchNorm2d.from_batchnorm(bn, conv if fuse_conv else None, relu_in))
+        rbn_bn = RBNBatchNorm2d.from_batchnorm(bn, conv if fuse_conv else None, relu_in)
+        _set_module(gm, node.target, rbn_bn)
+        decision.kernels = rbn_bn.kernels
 
         users = list(node.users)
         if len(users) == 1 and _is_relu(users[0], modules) and users[0].args[0] is node:
@@ -151,7 +154,7 @@ def rewrite(gm: fx.GraphModule, prefix: str = "") -> list[BNDecision]:
                     new = graph.call_module(user.target, (y, coeffs))
                 user.replace_all_uses_with(new)
                 graph.erase_node(user)
-                _set_module(gm, user.target, RBNConv2d.from_conv(conv, relu))
+                _set_module(gm, user.target, RBNConv2d.from_conv(conv, relu, decision.kernels))
                 decision.apply.append(f"prologue of {prefix}{user.target}")
             else:
                 user.replace_input_with(act, _materialize(graph, act, act_info))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..build import provider
 from . import ops  # noqa: F401  (registers torch.ops.tvm_rbn)
 
 
@@ -40,9 +41,14 @@ class RBNBatchNorm2d(nn.BatchNorm2d):
         if conv is not None:
             new.conv_stride, new.conv_padding = tuple(conv.stride), tuple(conv.padding)
         new.relu_in = relu_in
+        new.kernels = set()  # symbols of the kernels run for this BN (see tvm_rbn.report)
         return new
 
     def forward(self, x, coeffs_in=None, conv_weight=None):
+        with provider.owner(self.kernels):
+            return self._forward(x, coeffs_in, conv_weight)
+
+    def _forward(self, x, coeffs_in, conv_weight):
         if x.dim() != 4:
             raise ValueError(f"expected 4D input (got {x.dim()}D input)")
         x = x.contiguous()
@@ -83,10 +89,14 @@ class RBNConv2d(nn.Conv2d):
     relu_in: bool = True
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, relu_in: bool) -> "RBNConv2d":
+    def from_conv(cls, conv: nn.Conv2d, relu_in: bool, kernels: set) -> "RBNConv2d":
+        """kernels: the kernel-symbol set of the BatchNorm whose apply this conv carries."""
         new = _share(cls.__new__(cls), conv)
         new.relu_in = relu_in
+        new.kernels = kernels
         return new
 
     def forward(self, y, coeffs):
-        return torch.ops.tvm_rbn.conv_prologue(y, coeffs, self.relu_in, self.weight, list(self.stride), list(self.padding))
+        with provider.owner(self.kernels):
+            return torch.ops.tvm_rbn.conv_prologue(
+                y, coeffs, self.relu_in, self.weight, list(self.stride), list(self.padding))

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as rbn
+from ..build import provider
 
 _LIB = "tvm_rbn"
 
@@ -221,6 +222,7 @@ def _bn_backward(g_coeffs: Optional[Tensor], coeffs: Tensor, m: int):
 
 
 def _setup_conv_bn(ctx, inputs, output):
+    ctx.owner = provider.current_owner()  # backward kernels count for the same BN
     x, coeffs_in, relu_in, weight, stride, padding, gamma = inputs[:7]
     y, coeffs = output[:2]
     ctx.save_for_backward(x, coeffs_in, weight, y, coeffs)
@@ -233,8 +235,9 @@ def _backward_conv_bn(ctx, g_y, g_coeffs, *_unused):
     dgamma, dbeta, c2, c3 = _bn_backward(g_coeffs, coeffs, y.shape[0] * y.shape[2] * y.shape[3])
     g_y = torch.zeros_like(y) if g_y is None else g_y.contiguous()
     need = ctx.needs_input_grad
-    gx, gw, gcoeffs_in = torch.ops.tvm_rbn.conv_backward(
-        g_y, c2, c3, y, x, coeffs_in, relu_in, weight, stride, padding, need[0] or need[1], need[3])
+    with provider.owner(ctx.owner):
+        gx, gw, gcoeffs_in = torch.ops.tvm_rbn.conv_backward(
+            g_y, c2, c3, y, x, coeffs_in, relu_in, weight, stride, padding, need[0] or need[1], need[3])
     return (gx if need[0] else None, gcoeffs_in if need[1] else None, None, gw if need[3] else None, None, None,
             dgamma if affine and need[6] else None, dbeta if affine and need[7] else None, None, None, None, None)
 
@@ -243,6 +246,7 @@ torch.library.register_autograd(f"{_LIB}::conv_bn_train", _backward_conv_bn, set
 
 
 def _setup_bn(ctx, inputs, output):
+    ctx.owner = provider.current_owner()  # backward kernels count for the same BN
     ctx.save_for_backward(inputs[0], output[0])
     ctx.affine = inputs[1] is not None
 
@@ -260,6 +264,7 @@ torch.library.register_autograd(f"{_LIB}::bn_train", _backward_bn, setup_context
 
 
 def _setup_bn_eval(ctx, inputs, output):
+    ctx.owner = provider.current_owner()  # backward kernels count for the same BN
     ctx.affine = inputs[0] is not None
 
 
@@ -273,6 +278,7 @@ torch.library.register_autograd(f"{_LIB}::bn_eval", _backward_bn_eval, setup_con
 
 
 def _setup_conv(ctx, inputs, output):
+    ctx.owner = provider.current_owner()  # backward kernels count for the same BN
     x, coeffs_in, relu_in, weight, stride, padding = inputs
     ctx.save_for_backward(x, coeffs_in, weight)
     ctx.conf = (relu_in, list(stride), list(padding))
@@ -282,8 +288,10 @@ def _backward_conv(ctx, g_y):
     x, coeffs_in, weight = ctx.saved_tensors
     relu_in, stride, padding = ctx.conf
     need = ctx.needs_input_grad
-    gx, gw, gcoeffs_in = torch.ops.tvm_rbn.conv_backward(
-        g_y.contiguous(), None, None, None, x, coeffs_in, relu_in, weight, stride, padding, need[0] or need[1], need[3])
+    with provider.owner(ctx.owner):
+        gx, gw, gcoeffs_in = torch.ops.tvm_rbn.conv_backward(
+            g_y.contiguous(), None, None, None, x, coeffs_in, relu_in, weight, stride, padding,
+            need[0] or need[1], need[3])
     return gx if need[0] else None, gcoeffs_in if need[1] else None, None, gw if need[3] else None, None, None
 
 
@@ -291,6 +299,7 @@ torch.library.register_autograd(f"{_LIB}::conv_prologue", _backward_conv, setup_
 
 
 def _setup_apply(ctx, inputs, output):
+    ctx.owner = provider.current_owner()  # backward kernels count for the same BN
     x, coeffs, relu = inputs
     ctx.save_for_backward(x, coeffs)
     ctx.relu = relu

@@ -1,4 +1,8 @@
-"""Specs -> scheduled PrimFuncs -> one runtime module -> exported library + manifest."""
+"""Specs -> scheduled PrimFuncs -> one runtime module -> exported library + manifest.
+
+A kernel with a record in the tuning-log folder is built from its best tuned schedule; every
+other kernel from the default template of its target family.
+"""
 from __future__ import annotations
 
 import json
@@ -10,28 +14,41 @@ from . import cache
 from .target import host_description, host_family, host_tvm_target
 
 
-def lower_spec(spec: KernelSpec, family: str):
-    """The scheduled PrimFunc of one kernel, named by the spec's symbol."""
+def lower_spec(spec: KernelSpec, family: str, database=None, target=None):
+    """(scheduled PrimFunc named by the spec's symbol, tuned?) for one kernel."""
     from tvm import te
 
     from tvm_rbn.schedules import default_schedule
 
+    from ..tuning.tasks import is_tunable, workload_mod
+
+    if database is not None and is_tunable(spec):
+        sch = database.query_schedule(workload_mod(spec), target, "main")
+        if sch is not None:
+            return sch.mod["main"].with_attr("global_symbol", spec.symbol), True
     func = te.create_prim_func(spec.build_args()).with_attr("global_symbol", spec.symbol)
-    return default_schedule(func, family).mod["main"].with_attr("global_symbol", spec.symbol)
+    return default_schedule(func, family).mod["main"].with_attr("global_symbol", spec.symbol), False
 
 
-def compile_library(specs: list[KernelSpec], out_dir: Path, family: str | None = None, target=None) -> dict:
-    """Build every spec into one module, export it to out_dir; returns the manifest."""
+def compile_library(specs: list[KernelSpec], out_dir: Path, family: str | None = None, target=None,
+                    tuning_logs: Path | None = None) -> dict:
+    """Build every spec into one module, export it to out_dir; returns the manifest.
+
+    tuning_logs: a tuning-log folder for `family` (validated; a bad one raises TuningLogError).
+    """
     import tvm
 
     from tvm_rbn.schedules import SCHEDULE_VERSION
 
+    from ..tuning import records
+
     family = family or host_family()
     target = target or host_tvm_target()
+    database = records.load(tuning_logs, family) if tuning_logs and records.has_records(tuning_logs) else None
     unique = {s.symbol: s for s in specs}
     start = time.perf_counter()
-    mod = tvm.IRModule({sym: lower_spec(spec, family) for sym, spec in sorted(unique.items())})
-    lib = tvm.compile(mod, target=target)
+    lowered = {sym: lower_spec(spec, family, database, target) for sym, spec in sorted(unique.items())}
+    lib = tvm.compile(tvm.IRModule({sym: func for sym, (func, _) in lowered.items()}), target=target)
     lib.export_library(str(out_dir / cache.LIBRARY_FILE))
     manifest = {
         "format": cache.FORMAT,
@@ -40,23 +57,33 @@ def compile_library(specs: list[KernelSpec], out_dir: Path, family: str | None =
         "host": host_description(),
         "versions": cache.versions(),
         "schedules": SCHEDULE_VERSION,
+        "tuning_logs": str(tuning_logs) if database is not None else None,
         "build_seconds": round(time.perf_counter() - start, 3),
         "kernels": [
-            {"symbol": sym, "spec": json.loads(spec.key), "tuned": False} for sym, spec in sorted(unique.items())
+            {"symbol": sym, "spec": json.loads(unique[sym].key), "tuned": tuned}
+            for sym, (_, tuned) in lowered.items()
         ],
     }
     (out_dir / cache.MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
-def build_cached(specs: list[KernelSpec]) -> Path:
-    """The cache entry holding a library with all `specs` for this host, built if missing."""
+def build_cached(specs: list[KernelSpec], tuning_logs: Path | None = None) -> Path:
+    """The cache entry holding a library with all `specs` for this host, built if missing.
+
+    The key covers the specs, the host, the versions, the schedule templates and the content
+    of the tuning-log folder, so new records give a new entry.
+    """
     from tvm_rbn.schedules import SCHEDULE_VERSION
 
+    from ..tuning import records
+
     family = host_family()
-    key = cache.entry_key([s.key for s in specs], host_description(), SCHEDULE_VERSION)
+    logs = tuning_logs if tuning_logs is not None and records.has_records(tuning_logs) else None
+    material = dict(host_description(), tuning=records.content_hash(logs) if logs else None)
+    key = cache.entry_key([s.key for s in specs], material, SCHEDULE_VERSION)
     entry = cache.entry_dir(family, key)
     if cache.is_complete(entry):
         return entry
     with cache.locked(entry.with_name(entry.name + ".lock")):
-        return cache.publish(entry, lambda tmp: compile_library(specs, tmp, family))
+        return cache.publish(entry, lambda tmp: compile_library(specs, tmp, family, tuning_logs=logs))

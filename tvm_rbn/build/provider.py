@@ -6,8 +6,10 @@ does not.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 from collections import Counter
+from pathlib import Path
 
 from ..kernels import KernelSpec
 from ..runtime.library import KernelLibrary
@@ -18,6 +20,39 @@ _functions: dict[str, object] = {}
 _recorders: list[Counter] = []
 _dry_run = threading.local()
 _built_untuned: list[KernelSpec] = []
+_tuned_symbols: set[str] = set()
+_owner: contextvars.ContextVar = contextvars.ContextVar("tvm_rbn_kernel_owner", default=None)
+_tuning_logs: list = [None]  # the folder to build tuned kernels from; None: the committed one
+
+
+def set_tuning_logs(path) -> None:
+    """Use this tuning-log folder (for the host's family) for kernels built from now on."""
+    _tuning_logs[0] = Path(path) if path is not None else None
+
+
+def tuning_logs() -> Path:
+    from ..tuning import records
+    from .target import host_family
+
+    return _tuning_logs[0] if _tuning_logs[0] is not None else records.folder(host_family())
+
+
+@contextlib.contextmanager
+def owner(kernels: set | None):
+    """Record the symbols of the kernels requested inside the block into `kernels`."""
+    token = _owner.set(kernels)
+    try:
+        yield
+    finally:
+        _owner.reset(token)
+
+
+def current_owner() -> set | None:
+    return _owner.get()
+
+
+def is_tuned(symbol: str) -> bool:
+    return symbol in _tuned_symbols
 
 
 @contextlib.contextmanager
@@ -52,6 +87,7 @@ def add_library(directory) -> KernelLibrary:
     lib = KernelLibrary(directory)
     with _lock:
         _libraries.insert(0, lib)
+        _tuned_symbols.update(k["symbol"] for k in lib.manifest["kernels"] if k.get("tuned"))
     return lib
 
 
@@ -64,7 +100,7 @@ def prepare(specs: list[KernelSpec]) -> None:
         try:
             from .compile import build_cached
 
-            lib = add_library(build_cached(missing))
+            lib = add_library(build_cached(missing, tuning_logs()))
         except ImportError as exc:
             names = ", ".join(s.key for s in missing[:3]) + (" ..." if len(missing) > 3 else "")
             raise RuntimeError(
@@ -79,6 +115,9 @@ def kernel(spec: KernelSpec):
     """The callable kernel for `spec`; builds it on first use."""
     for counts in _recorders:
         counts[spec] += 1
+    kernels = _owner.get()
+    if kernels is not None:
+        kernels.add(spec.symbol)
     if getattr(_dry_run, "on", False):
         return _skip
     fn = _functions.get(spec.symbol)

@@ -1,0 +1,147 @@
+"""Tuning-log folders: ``<root>/<family>/`` holding MetaSchedule's JSON database
+(database_workload.json, database_tuning_record.json).
+
+The committed folders live in the project's ``tuning_logs/`` (installed as package data,
+``tvm_rbn/tuning_logs``). A folder is checked before use: every line must parse, every record
+must name a workload of the folder, and every record's target must belong to the folder's
+family; a folder that fails is never applied, and the error names the file and the problem.
+Tuning writes into a scratch copy and publishes it here with an atomic rename, so a run that
+is killed leaves the last published state intact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+WORKLOADS = "database_workload.json"
+RECORDS = "database_tuning_record.json"
+
+
+class TuningLogError(ValueError):
+    """A tuning log that cannot be applied; the message names the file and what is wrong."""
+
+
+def default_root() -> Path:
+    """The tuning_logs/ shipped with tvm_rbn: the package data, else the source checkout's."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "tuning_logs", here.parent / "tuning_logs"):
+        if candidate.is_dir():
+            return candidate
+    return here.parent / "tuning_logs"
+
+
+def folder(family: str, root: str | os.PathLike | None = None) -> Path:
+    return Path(root) / family if root is not None else default_root() / family
+
+
+def has_records(path: Path) -> bool:
+    return (path / RECORDS).is_file() and (path / RECORDS).stat().st_size > 0
+
+
+def content_hash(path: Path) -> str:
+    """Changes whenever the folder's records change: part of build cache keys."""
+    h = hashlib.sha256()
+    for name in (WORKLOADS, RECORDS):
+        f = path / name
+        h.update(f.read_bytes() if f.is_file() else b"")
+    return h.hexdigest()[:16]
+
+
+def _family_of_target(target: dict) -> str:
+    kind = target.get("kind")
+    if kind == "cuda":
+        arch = str(target.get("arch", "")).replace("sm_", "")
+        return f"cuda-sm{arch}" if arch else "cuda"
+    if kind == "llvm":
+        from tvm.target import Target, codegen
+
+        t = Target(target)
+        if codegen.llvm_cpu_has_features(["avx512f"], t):
+            return "x86-avx512"
+        if codegen.llvm_cpu_has_features(["avx2", "fma"], t):
+            return "x86-avx2"
+        return "x86-64"
+    return str(kind)
+
+
+def validate(path: Path, family: str) -> int:
+    """Check a tuning-log folder for `family`; returns the number of records."""
+    workloads, records = path / WORKLOADS, path / RECORDS
+    if not workloads.is_file() or not records.is_file():
+        missing = WORKLOADS if not workloads.is_file() else RECORDS
+        raise TuningLogError(f"{path}: {missing} is missing (a tuning-log folder holds {WORKLOADS} and {RECORDS})")
+    n_workloads = 0
+    for i, line in enumerate(workloads.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TuningLogError(f"{workloads}:{i}: not valid JSON ({exc.msg}); truncated or corrupt") from None
+        if not (isinstance(entry, list) and len(entry) == 2):
+            raise TuningLogError(f"{workloads}:{i}: not a MetaSchedule workload entry")
+        n_workloads += 1
+    count = 0
+    seen_targets: dict[str, str] = {}
+    for i, line in enumerate(records.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TuningLogError(f"{records}:{i}: not valid JSON ({exc.msg}); truncated or corrupt") from None
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) and isinstance(entry[1], list)
+                and len(entry[1]) >= 3):
+            raise TuningLogError(f"{records}:{i}: not a MetaSchedule tuning record")
+        if not 0 <= entry[0] < n_workloads:
+            raise TuningLogError(f"{records}:{i}: refers to workload #{entry[0]}, but {workloads} has {n_workloads}")
+        target = entry[1][2]
+        key = json.dumps(target, sort_keys=True)
+        if key not in seen_targets:
+            seen_targets[key] = _family_of_target(target if isinstance(target, dict) else {})
+        if seen_targets[key] != family:
+            raise TuningLogError(
+                f"{records}:{i}: record for target family {seen_targets[key]!r} ({target.get('kind')}, "
+                f"{target.get('mcpu') or target.get('arch') or ''}) in the {family!r} folder; refusing to apply it"
+            )
+        count += 1
+    return count
+
+
+def load(path: Path, family: str):
+    """The folder as a MetaSchedule database, after validation (imports tvm)."""
+    validate(path, family)
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.JSONDatabase(str(path / WORKLOADS), str(path / RECORDS), allow_missing=False)
+
+
+def scratch_copy(path: Path) -> Path:
+    """A private copy of a folder (empty if it does not exist) to tune into."""
+    tmp = Path(tempfile.mkdtemp(prefix="tvm_rbn_tune_"))
+    for name in (WORKLOADS, RECORDS):
+        src = path / name
+        if src.is_file():
+            shutil.copyfile(src, tmp / name)
+        else:
+            (tmp / name).touch()
+    return tmp
+
+
+def publish(scratch: Path, path: Path) -> None:
+    """Replace the folder's files with the scratch copy's, each by an atomic rename.
+
+    The records file goes last: a reader may see new workloads without their records (harmless),
+    never records pointing past the workloads.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    for name in (WORKLOADS, RECORDS):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=path)
+        os.close(fd)
+        shutil.copyfile(scratch / name, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path / name)

@@ -1,0 +1,33 @@
+"""Tuning tasks: the kernels worth tuning and the IRModule MetaSchedule keys them by."""
+from __future__ import annotations
+
+from ..kernels import KernelSpec
+
+# Kernels that hold the convolutions; the per-channel and elementwise ones stay on the
+# default schedules (they are memory-bound and a few microseconds).
+TUNABLE_OPS = ("conv2d_fused", "conv2d_dgrad", "conv2d_wgrad")
+
+
+def is_tunable(spec: KernelSpec) -> bool:
+    return spec.op in TUNABLE_OPS
+
+
+def workload_mod(spec: KernelSpec):
+    """The IRModule a kernel is tuned and looked up as (one function named 'main')."""
+    import tvm
+    from tvm import te
+
+    func = te.create_prim_func(spec.build_args()).with_attr("global_symbol", "main")
+    return tvm.IRModule({"main": func})
+
+
+def flops(spec: KernelSpec) -> float:
+    """Multiply-adds x 2 of a convolution kernel (its cost weight when dividing trials)."""
+    p = spec.kwargs
+    if spec.op not in TUNABLE_OPS:
+        return 0.0
+    sh, sw = p["stride"]
+    ph, pw = p["padding"]
+    out_h = (p["h"] + 2 * ph - p["r"]) // sh + 1
+    out_w = (p["w"] + 2 * pw - p["s"]) // sw + 1
+    return 2.0 * p["n"] * p["k"] * p["c"] * p["r"] * p["s"] * out_h * out_w

@@ -1,0 +1,153 @@
+"""The tuning loop.
+
+    tune(model, input_shape)  ->  records in tuning_logs/<family>/
+
+Every convolution kernel of one training step (forward, data gradient, weight gradient) is a
+MetaSchedule task, weighted by its FLOPs x the times a step calls it, so trials go where the
+step's time is. Candidates are measured on the machine's own thread count (the runner's
+workers inherit TVM_NUM_THREADS, set to torch's). The run stops at the trial budget or the
+time budget, whichever comes first; after every measured batch the records are published to
+the folder (atomic rename), so a run that is interrupted loses at most its current batch, and
+running the same command again resumes: trials already recorded for a workload count against
+its budget, and the search starts from the best records.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..build.target import host_cores, host_family
+from ..kernels import KernelSpec
+from . import records
+from .tasks import flops, is_tunable, workload_mod
+
+
+@dataclass
+class TuningReport:
+    folder: Path
+    tasks: int
+    trials: int
+    seconds: float
+    per_task: list[dict] = field(default_factory=list)
+
+    @property
+    def seconds_per_trial(self) -> float:
+        return self.seconds / self.trials if self.trials else float("nan")
+
+
+def _progress(done: int, total: int, start: float, stream) -> None:
+    elapsed = time.perf_counter() - start
+    eta = elapsed / done * (total - done) if done else float("nan")
+    width = 30
+    filled = int(width * done / total) if total else width
+    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} trials, "
+                 f"{elapsed:6.0f} s elapsed, ETA {eta:6.0f} s ")
+    stream.flush()
+
+
+def _make_callback(scratch: Path, out: Path, budget_trials: int, deadline: float, start: float, stream):
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class PublishAndReport(PyMeasureCallback):
+        """After each measured batch: publish the records, show progress, enforce the clock."""
+
+        def __init__(self):
+            self.done = 0
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            self.done += len(measure_candidates)
+            records.publish(scratch, out)
+            _progress(min(self.done, budget_trials), budget_trials, start, stream)
+            if time.perf_counter() > deadline:
+                for i in range(len(task_scheduler.tasks_)):
+                    task_scheduler.terminate_task(i)
+
+    return PublishAndReport()
+
+
+def tune_specs(
+    weighted: list[tuple[KernelSpec, float]],
+    out: Path,
+    *,
+    family: str | None = None,
+    trials: int = 64,
+    seconds: float | None = None,
+    trials_per_batch: int = 16,
+    runner=None,
+    target=None,
+    stream=sys.stderr,
+) -> TuningReport:
+    """Tune kernels (spec, weight) into the tuning-log folder `out`."""
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    from ..build.target import host_tvm_target
+    from .worker import BUILD_FUNC, register
+
+    family = family or host_family()
+    target = target or host_tvm_target()
+    out = Path(out)
+    if records.has_records(out):
+        records.validate(out, family)  # never tune on top of a folder we would refuse to apply
+    scratch = records.scratch_copy(out)
+    start = time.perf_counter()
+    try:
+        db = ms.database.JSONDatabase(str(scratch / records.WORKLOADS), str(scratch / records.RECORDS))
+        tasks, weights, report_rows = [], [], []
+        existing = {}
+        for rec in db.get_all_tuning_records():
+            key = tvm_ffi.structural_hash(rec.workload.mod)
+            existing[key] = existing.get(key, 0) + 1
+        for spec, weight in weighted:
+            mod = workload_mod(spec)
+            done = existing.get(tvm_ffi.structural_hash(mod), 0)
+            report_rows.append({"symbol": spec.symbol, "op": spec.op, "weight": weight, "trials_before": done})
+            tasks.append(ms.TuneContext(mod=mod, target=target, space_generator=_space(family),
+                                        search_strategy="evolutionary", task_name=spec.symbol,
+                                        num_threads=host_cores()))
+            weights.append(weight)
+        already = sum(r["trials_before"] for r in report_rows)
+        remaining = max(0, trials - already)
+        if remaining == 0 or not tasks:
+            stream.write(f"nothing to tune: {already} trials already recorded for these {len(tasks)} kernels\n")
+            return TuningReport(out, len(tasks), 0, 0.0, report_rows)
+        deadline = start + seconds if seconds else float("inf")
+        builder = ms.builder.LocalBuilder(f_build=BUILD_FUNC, initializer=register, timeout_sec=60.0)
+        runner = runner or ms.runner.LocalRunner(timeout_sec=60.0)
+        callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
+        callbacks.append(_make_callback(scratch, out, remaining, deadline, start, stream))
+        ms.tune_tasks(
+            tasks=tasks, task_weights=weights, work_dir=str(scratch), max_trials_global=remaining,
+            num_trials_per_iter=trials_per_batch, builder=builder, runner=runner, database=db,
+            cost_model="xgb", measure_callbacks=callbacks, task_scheduler="gradient",
+        )
+        records.publish(scratch, out)
+        measured = sum(1 for _ in open(scratch / records.RECORDS)) - already
+        stream.write("\n")
+        return TuningReport(out, len(tasks), measured, time.perf_counter() - start, report_rows)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _space(family: str):
+    from tvm_rbn.schedules import search_space
+
+    return search_space(family)
+
+
+def tune(model, input_shape, *, out: str | os.PathLike | None = None, family: str | None = None,
+         trials: int = 64, seconds: float | None = None, **kwargs) -> TuningReport:
+    """Tune every convolution kernel of one training step of `model` at `input_shape`."""
+    from ..build.workloads import extract
+
+    family = family or host_family()
+    weighted = [(spec, count * flops(spec)) for spec, count in extract(model, input_shape) if is_tunable(spec)]
+    weighted = [(s, w if w > 0 else flops(s)) for s, w in weighted]  # eval-only kernels: weight of one call
+    return tune_specs(weighted, Path(out) if out else records.folder(family), family=family, trials=trials,
+                      seconds=seconds, **kwargs)
