@@ -1,5 +1,7 @@
 """Default (untuned) x86 schedules: parallel over cores, vectorized, correct for any shape.
 
+The convolution templates live in ``conv`` (forward) and ``backward`` (dgrad, wgrad).
+
 These are the starting point that runs without tuning records; tuned search spaces replace
 them per workload. Every split uses a divisor of the loop extent, so no template produces
 predicated tails.
@@ -12,6 +14,9 @@ from tvm.tirx import IterVar
 from tvm_rbn.build.target import vector_lanes
 
 from .backward import BACKWARD_TEMPLATES
+from .common import dtype_of as _dtype
+from .common import plane_reductions
+from .conv import ConvTemplate
 
 
 def _largest_divisor(n: int, cap: int) -> int:
@@ -50,63 +55,6 @@ def _parallel_vectorize(sch: Schedule, block, lanes: int) -> None:
         sch.parallel(loops[0])
 
 
-def _schedule_plane_stats(sch: Schedule, blocks: dict) -> None:
-    """tile_sum / tile_m2: one (n, k) plane per task, parallel over planes."""
-    for name in ("tile_sum", "tile_m2"):
-        loops = sch.get_loops(blocks[name])
-        sch.parallel(sch.fuse(loops[0], loops[1]))
-
-
-class ConvTemplate:
-    """conv2d with optional prologue (act, pad) and statistics epilogue.
-
-    Output tile: one output row of `ki` channels x `qi` columns in registers, `qi` vectorized.
-    Parallel over (n, output row); the padded, activated input rows a row needs are computed
-    at that level, once per row task rather than once per use in the reduction.
-    """
-
-    @staticmethod
-    def apply(func, family: str):
-        sch = Schedule(func)
-        blocks = _blocks(sch)
-        if "conv" not in blocks:
-            return None
-        conv = blocks["conv"]
-        dtype = str(sch.get(conv).writes[0].source.dtype)
-        lanes = vector_lanes(family, dtype)
-
-        n, k, p, q, rc, rr, rs = sch.get_loops(conv)
-        ext_k, ext_q = _extents(sch, [k, q])
-        ko, ki = sch.split(k, [None, _largest_divisor(ext_k, 8)])
-        qo, qi = sch.split(q, [None, _largest_divisor(ext_q, lanes)])
-        sch.reorder(n, p, ko, qo, rc, rr, rs, ki, qi)
-        row = sch.fuse(n, p)
-        sch.parallel(row)
-        acc = sch.cache_write(conv, 0, "local")
-        sch.reverse_compute_at(acc, qo)
-        sch.vectorize(sch.get_loops(acc)[-1])
-        sch.vectorize(qi)
-        sch.unroll(ki)
-        sch.decompose_reduction(conv, rc)
-
-        pad = blocks["pad"]
-        identity_pad = _is_identity_pad(sch, pad)
-        if "act" in blocks:
-            sch.compute_inline(blocks["act"])
-        if identity_pad:
-            sch.compute_inline(pad)
-        else:
-            sch.compute_at(pad, row)
-        if "tile_sum" in blocks:
-            _schedule_plane_stats(sch, blocks)
-        return sch
-
-
-def _is_identity_pad(sch: Schedule, pad) -> bool:
-    (read,) = sch.get(pad).reads
-    return list(sch.get(pad).writes[0].source.shape) == list(read.source.shape)
-
-
 class PlaneStatsTemplate:
     """tile_sum / tile_m2 of a plain tensor."""
 
@@ -116,7 +64,8 @@ class PlaneStatsTemplate:
         blocks = _blocks(sch)
         if set(blocks) != {"tile_sum", "tile_m2"}:
             return None
-        _schedule_plane_stats(sch, blocks)
+        plane_reductions(sch, [(name, blocks[name]) for name in ("tile_sum", "tile_m2")],
+                         vector_lanes(family, _dtype(sch, blocks["tile_sum"])))
         return sch
 
 

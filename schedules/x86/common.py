@@ -1,0 +1,119 @@
+"""Helpers shared by the x86 templates (no template lives here)."""
+from __future__ import annotations
+
+from tvm.s_tir import Schedule
+from tvm.tirx import IterVar
+
+
+def largest_divisor(n: int, cap: int) -> int:
+    """The largest divisor of n that is at most cap (at least 1)."""
+    for d in range(min(n, cap), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def blocks(sch: Schedule) -> dict[str, object]:
+    """The root's child blocks by name."""
+    root = sch.get_sblock("root")
+    return {sch.get(b).name_hint: b for b in sch.get_child_blocks(root)}
+
+
+def extents(sch: Schedule, loops) -> list[int]:
+    return [int(sch.get(loop).extent) for loop in loops]
+
+
+def dtype_of(sch: Schedule, block) -> str:
+    return str(sch.get(block).writes[0].source.dtype)
+
+
+def read_index(sch: Schedule, block, buffer_name: str) -> int:
+    """Position of the buffer named `buffer_name` among a block's reads."""
+    for i, region in enumerate(sch.get(block).reads):
+        if region.source.name == buffer_name:
+            return i
+    raise KeyError(f"block {sch.get(block).name_hint} does not read {buffer_name}")
+
+
+def is_spatial(sch: Schedule, block) -> bool:
+    return all(iv.iter_type == IterVar.DataPar for iv in sch.get(block).iter_vars)
+
+
+def is_identity_pad(sch: Schedule, block) -> bool:
+    """A padding stage that pads nothing (same shape as what it reads)."""
+    out = list(sch.get(block).writes[0].source.shape)
+    return all(list(r.source.shape) == out for r in sch.get(block).reads if len(r.source.shape) == len(out))
+
+
+def iter_order(sch: Schedule, block, order: list) -> None:
+    """Reorder a block's iteration variables: ("write", i) names the variable indexing
+    dimension i of what the block writes; None stands for its reduction variables (in their
+    order). The loops that compute_at / reverse_compute_at create follow this order."""
+    sblock = sch.get(block)
+    region = sblock.writes[0].region
+    positions = []
+    for item in order:
+        if item is None:
+            positions += [i for i, iv in enumerate(sblock.iter_vars) if iv.iter_type != IterVar.DataPar]
+        else:
+            var = region[item[1]].min
+            (pos,) = [i for i, iv in enumerate(sblock.iter_vars) if iv.var.same_as(var)]
+            positions.append(pos)
+    sch.reorder_block_iter_var(block, positions)
+
+
+def parallel_vectorize(sch: Schedule, block, lanes: int) -> None:
+    """Spatial block: fuse and parallelize the outer loops, vectorize a divisor of the last."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    inner = loops[-1]
+    extent = extents(sch, [inner])[0]
+    v = largest_divisor(extent, lanes)
+    if v > 1:
+        outer_part, inner = sch.split(inner, [None, v])
+        loops = list(loops[:-1]) + [outer_part]
+        sch.vectorize(inner)
+    else:
+        loops = list(loops[:-1]) + [inner]
+    if len(loops) > 1:
+        sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+    elif extents(sch, loops)[0] > 1:
+        sch.parallel(loops[0])
+
+
+def vectorize_inner(sch: Schedule, block, lanes: int) -> None:
+    """Vectorize a divisor of a block's innermost loop."""
+    inner = sch.get_loops(block)[-1]
+    v = largest_divisor(extents(sch, [inner])[0], lanes)
+    if v > 1:
+        sch.vectorize(sch.split(inner, [None, v])[1])
+
+
+def plane_reductions(sch: Schedule, names, lanes: int, at=None) -> None:
+    """Per-plane sums (blocks [n, c] reducing over a plane [h, w]), vectorized.
+
+    The plane is flattened and split into `lanes` interleaved partial sums (rfactor): the
+    partials are added with vector instructions, in a fixed order, then summed. With `at`
+    (a loop that owns whole planes, e.g. a conv's (n, channel block) task) the sums run
+    under it, right after the task wrote its planes; else each is its own parallel pass.
+    Blocks are scheduled in the order given (a later one may read an earlier one's result).
+    """
+    for name, block in names:
+        n, c, rh, rw = sch.get_loops(block)
+        size = extents(sch, [rh])[0] * extents(sch, [rw])[0]
+        lane = largest_divisor(size, lanes)
+        _, li = sch.split(sch.fuse(rh, rw), [None, lane])
+        rf = sch.rfactor(li, factor_axis=2)
+        iter_order(sch, rf, [("write", 0), ("write", 1), None, ("write", 2)])
+        if at is not None:
+            sch.reverse_compute_at(rf, at)
+            sch.reverse_compute_at(block, at)
+        else:
+            sch.parallel(sch.fuse(*sch.get_loops(rf)[:2]))
+            sch.parallel(sch.fuse(*sch.get_loops(block)[:2]))
+        loops = sch.get_loops(rf)
+        outer, inner = loops[-2], loops[-1]  # (channel, outer reduction, lane)
+        if lane > 1:
+            sch.vectorize(inner)
+        sch.decompose_reduction(rf, outer)
