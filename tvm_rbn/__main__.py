@@ -1,4 +1,4 @@
-"""Command line: python -m tvm_rbn {demo,info,bench}."""
+"""Command line: python -m tvm_rbn {tune,build,bench,info,demo}."""
 from __future__ import annotations
 
 import argparse
@@ -6,13 +6,28 @@ import json
 import sys
 
 
+def _shape(args) -> tuple[int, int, int, int]:
+    return (args.batch, 3, args.size, args.size)
+
+
+def _model(args):
+    import torch
+
+    from tvm_rbn.models import MODELS
+
+    torch.manual_seed(0)
+    return MODELS[args.model](num_classes=args.classes)
+
+
 def _info(_args) -> int:
     import torch
 
     import tvm_rbn
-    from tvm_rbn.build import cache
+    from tvm_rbn.build import cache, provider
     from tvm_rbn.build.target import cpu_name, host_cores, host_family
+    from tvm_rbn.tuning import records
 
+    logs = provider.tuning_logs()
     print(json.dumps({
         "tvm_rbn": tvm_rbn.__version__,
         "versions": cache.versions(),
@@ -22,7 +37,49 @@ def _info(_args) -> int:
         "cores": host_cores(),
         "threads": {"torch": torch.get_num_threads(), "tvm": tvm_rbn.num_threads()},
         "cache_dir": str(cache.cache_root()),
+        "tuning_logs": str(logs),
+        "tuning_records": sum(1 for _ in open(logs / records.RECORDS)) if records.has_records(logs) else 0,
     }, indent=1))
+    return 0
+
+
+def _tune(args) -> int:
+    from tvm_rbn.build.target import host_family
+    from tvm_rbn.tuning import records
+    from tvm_rbn.tuning.tune import tune
+
+    family = host_family()
+    out = records.folder(family, args.logs)
+    runner = None
+    if args.rpc_tracker:
+        from tvm.s_tir import meta_schedule as ms
+
+        host, port = args.rpc_tracker.rsplit(":", 1)
+        runner = ms.runner.RPCRunner(ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port),
+                                                         tracker_key=args.rpc_key, session_timeout_sec=120))
+    print(f"tuning {args.model} at input {_shape(args)} for {family}: budget {args.trials} trials"
+          + (f" or {args.seconds:.0f} s" if args.seconds else "") + f"; records go to {out}", flush=True)
+    report = tune(_model(args), _shape(args), out=out, family=family, trials=args.trials, seconds=args.seconds,
+                  trials_per_batch=args.batch_trials, runner=runner)
+    print(f"{report.trials} trials over {report.tasks} kernels in {report.seconds:.0f} s "
+          f"({report.seconds_per_trial:.1f} s per trial); records in {report.folder}")
+    return 0
+
+
+def _build(args) -> int:
+    from tvm_rbn.build import provider
+    from tvm_rbn.build.workloads import build_for_model
+
+    if args.logs:
+        from tvm_rbn.build.target import host_family
+        from tvm_rbn.tuning import records
+
+        provider.set_tuning_logs(records.folder(host_family(), args.logs))
+    out = build_for_model(_model(args), _shape(args), out_dir=args.out, tuning_logs=provider.tuning_logs())
+    manifest = json.loads((out / "manifest.json").read_text())
+    tuned = sum(k["tuned"] for k in manifest["kernels"])
+    print(f"{len(manifest['kernels'])} kernels ({tuned} tuned) for {args.model} at {_shape(args)} -> {out}")
+    print(f"train with: tvm_rbn.restructure(model, library={str(out)!r})")
     return 0
 
 
@@ -39,18 +96,49 @@ def _bench(argv: list[str]) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def _model_args(p, batch=8, size=64) -> None:
     from tvm_rbn.models import MODELS
 
-    ap = argparse.ArgumentParser(prog="python -m tvm_rbn", description="Restructured BatchNorm kernels by Apache TVM.")
+    p.add_argument("--model", default="resnet18", choices=sorted(MODELS), help="a model of tvm_rbn.models")
+    p.add_argument("--batch", type=int, default=batch, help="batch size (kernels are specialized to it)")
+    p.add_argument("--size", type=int, default=size, help="input height and width")
+    p.add_argument("--classes", type=int, default=10, help="classifier outputs")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m tvm_rbn",
+        description="Restructured BatchNorm for CNN training, kernels generated and tuned by Apache TVM.",
+        epilog="Typical use: tune (once per model, batch size and machine family), build (one library), "
+               "then tvm_rbn.restructure(model, library=...) in the training script.",
+    )
     sub = ap.add_subparsers(dest="verb", required=True)
+    p = sub.add_parser("tune", help="tune the convolution kernels of one training step with MetaSchedule",
+                       description="Tune every fused convolution kernel (forward, data and weight gradient) of one "
+                                   "training step of MODEL at the given batch and size. Trials go where the step's "
+                                   "time is; records are saved after every batch, and rerunning resumes.")
+    _model_args(p)
+    p.add_argument("--trials", type=int, default=64, help="total trial budget over all kernels (default 64)")
+    p.add_argument("--seconds", type=float, default=None, help="wall-clock budget; stops after the running batch")
+    p.add_argument("--batch-trials", type=int, default=16, help="candidates measured per batch (default 16)")
+    p.add_argument("--logs", default=None, help="tuning-log root (default: the project's tuning_logs/); "
+                                                "records go to LOGS/<target family>/")
+    p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT",
+                   help="measure on the RPC servers registered with this tracker instead of locally")
+    p.add_argument("--rpc-key", default="tvm_rbn", help="device key of the RPC servers (default tvm_rbn)")
+    p.set_defaults(run=_tune)
+    p = sub.add_parser("build", help="build one kernel library for a model and input shape",
+                       description="Build every kernel MODEL needs at the input shape into one shared library "
+                                   "(tuned where the tuning logs have records), with a manifest.")
+    _model_args(p)
+    p.add_argument("--logs", default=None, help="tuning-log root (default: the project's tuning_logs/)")
+    p.add_argument("--out", default=None, help="folder for kernels.so + manifest.json (default: the cache)")
+    p.set_defaults(run=_build)
     p = sub.add_parser("demo", help="train a restructured model next to the unchanged PyTorch model")
-    p.add_argument("--model", default="resnet18", choices=sorted(MODELS))
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--size", type=int, default=64, help="input height and width")
+    _model_args(p)
     p.add_argument("--steps", type=int, default=6)
     p.set_defaults(run=_demo)
-    p = sub.add_parser("info", help="versions, detected target, thread counts, cache folder")
+    p = sub.add_parser("info", help="versions, detected target, thread counts, cache and tuning-log folders")
     p.set_defaults(run=_info)
     sub.add_parser("bench", help="one fused layer against PyTorch's conv+BN+ReLU (options: bench --help)")
     argv = sys.argv[1:] if argv is None else list(argv)

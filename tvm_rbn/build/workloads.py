@@ -34,18 +34,22 @@ def extract(model: torch.nn.Module, input_shape, dtype=torch.float32) -> list[tu
     return sorted(specs.items(), key=lambda kv: (-kv[1], kv[0].key))
 
 
-def build_for_model(model: torch.nn.Module, input_shape, dtype=torch.float32, out_dir=None) -> Path:
+def build_for_model(model: torch.nn.Module, input_shape, dtype=torch.float32, out_dir=None,
+                    tuning_logs=None) -> Path:
     """Build one library with every kernel `model` needs at `input_shape`.
 
     Into `out_dir` when given (a folder to ship: kernels.so + manifest.json), else into the
-    on-disk cache. Returns the library folder, for ``restructure(model, library=...)``.
+    on-disk cache; tuned from `tuning_logs` (a tuning-log folder) where it has records.
+    Returns the library folder, for ``restructure(model, library=...)``.
     """
+    from ..tuning import records
     from .compile import build_cached, compile_library
 
     specs = [spec for spec, _ in extract(model, input_shape, dtype)]
+    logs = Path(tuning_logs) if tuning_logs is not None else None
     if out_dir is None:
-        return build_cached(specs)
+        return build_cached(specs, logs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    compile_library(specs, out)
+    compile_library(specs, out, tuning_logs=logs if logs is not None and records.has_records(logs) else None)
     return out

@@ -1,0 +1,128 @@
+"""The tuning pipeline end to end on a handful of trials: tune, build from the records, run;
+resume; bad logs refused; measurement through an RPC tracker and server on loopback."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tvm_rbn
+from tvm_rbn.build.compile import compile_library
+from tvm_rbn.build.target import host_family
+from tvm_rbn.kernels import KernelSpec
+from tvm_rbn.runtime.library import KernelLibrary
+from tvm_rbn.tuning import records
+from tvm_rbn.tuning.records import TuningLogError
+from tvm_rbn.tuning.tune import tune_specs
+
+from conftest import assert_close
+
+SPEC = KernelSpec.make("conv2d_fused", n=1, c=8, h=8, w=8, k=8, r=3, s=3, stride=(1, 1), padding=(1, 1),
+                       dtype="float32", prologue_relu=True, stats=False)
+
+
+@pytest.fixture(scope="module")
+def tuned_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("logs") / host_family()
+    report = tune_specs([(SPEC, 1.0)], folder, trials=2, trials_per_batch=2)
+    assert report.trials == 2
+    return folder
+
+
+def test_tune_then_build_applies_the_records(tuned_folder, tmp_path):
+    assert records.validate(tuned_folder, host_family()) == 2
+    run_secs = [json.loads(line)[1][1][0] for line in (tuned_folder / records.RECORDS).read_text().splitlines()]
+    assert all(0 < s < 1e9 for s in run_secs), f"a trial failed to build or run: {run_secs}"
+    manifest = compile_library([SPEC], tmp_path, tuning_logs=tuned_folder)
+    assert manifest["kernels"][0]["tuned"] is True
+    fn = KernelLibrary(tmp_path).function(SPEC.symbol)
+    x, w = torch.randn(1, 8, 8, 8), torch.randn(8, 8, 3, 3)
+    scale, shift = torch.rand(8) + 0.5, torch.randn(8)
+    y = torch.empty(1, 8, 8, 8)
+    fn(x, scale, shift, w, y)
+    ref = F.conv2d(torch.relu(x * scale[:, None, None] + shift[:, None, None]), w, padding=1)
+    assert_close(y, ref, "tuned kernel output")
+
+
+def test_rerun_resumes_without_new_trials(tuned_folder):
+    before = (tuned_folder / records.RECORDS).read_bytes()
+    report = tune_specs([(SPEC, 1.0)], tuned_folder, trials=2)
+    assert report.trials == 0
+    assert (tuned_folder / records.RECORDS).read_bytes() == before
+
+
+def _copy(folder, tmp_path):
+    bad = tmp_path / host_family()
+    shutil.copytree(folder, bad)
+    return bad
+
+
+def test_truncated_log_is_refused_and_names_the_file(tuned_folder, tmp_path):
+    bad = _copy(tuned_folder, tmp_path)
+    text = (bad / records.RECORDS).read_text()
+    (bad / records.RECORDS).write_text(text[: len(text) - 40])
+    with pytest.raises(TuningLogError, match=rf"{records.RECORDS}:2: not valid JSON"):
+        records.validate(bad, host_family())
+    with pytest.raises(TuningLogError, match=records.RECORDS):
+        compile_library([SPEC], tmp_path, tuning_logs=bad)
+    with pytest.raises(TuningLogError, match=records.RECORDS):
+        tvm_rbn.restructure(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4)),
+                            tuning_logs=bad)
+
+
+def test_tuning_refuses_to_touch_a_corrupt_folder(tuned_folder, tmp_path):
+    bad = _copy(tuned_folder, tmp_path)
+    (bad / records.WORKLOADS).write_text("{not json\n")
+    before = {n: (bad / n).read_bytes() for n in (records.WORKLOADS, records.RECORDS)}
+    with pytest.raises(TuningLogError, match=rf"{records.WORKLOADS}:1"):
+        tune_specs([(SPEC, 1.0)], bad, trials=4)
+    assert before == {n: (bad / n).read_bytes() for n in (records.WORKLOADS, records.RECORDS)}
+
+
+def test_foreign_target_log_is_refused(tuned_folder, tmp_path):
+    bad = _copy(tuned_folder, tmp_path)
+    lines = (bad / records.RECORDS).read_text().splitlines()
+    entry = json.loads(lines[0])
+    entry[1][2] = {"kind": "cuda", "arch": "sm_90", "keys": ["cuda", "gpu"], "tag": ""}
+    (bad / records.RECORDS).write_text("\n".join([json.dumps(entry)] + lines[1:]) + "\n")
+    with pytest.raises(TuningLogError, match=r"cuda-sm90.*refusing"):
+        records.validate(bad, host_family())
+    other = "x86-avx2" if host_family() == "x86-avx512" else "x86-avx512"
+    with pytest.raises(TuningLogError, match="refusing"):
+        records.validate(tuned_folder, other)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_measurement_through_rpc_tracker_and_server(tmp_path):
+    from tvm import rpc
+    from tvm.rpc.tracker import Tracker
+    from tvm.s_tir import meta_schedule as ms
+
+    tracker = Tracker(host="127.0.0.1", port=_free_port(), port_end=65000, silent=True)
+    server = rpc.Server(host="127.0.0.1", port=_free_port(), port_end=65000, key="tvm_rbn_test",
+                        tracker_addr=("127.0.0.1", tracker.port), silent=True)
+    try:
+        deadline = time.time() + 60
+        while "tvm_rbn_test" not in str(rpc.connect_tracker("127.0.0.1", tracker.port).text_summary()):
+            assert time.time() < deadline, "the RPC server did not register with the tracker"
+            time.sleep(0.5)
+        runner = ms.runner.RPCRunner(ms.runner.RPCConfig(tracker_host="127.0.0.1", tracker_port=tracker.port,
+                                                         tracker_key="tvm_rbn_test", session_timeout_sec=120))
+        folder = tmp_path / host_family()
+        report = tune_specs([(SPEC, 1.0)], folder, trials=2, trials_per_batch=2, runner=runner)
+        assert report.trials == 2
+        run_secs = [json.loads(line)[1][1][0] for line in (folder / records.RECORDS).read_text().splitlines()]
+        assert all(0 < s < 1e9 for s in run_secs), f"RPC measurement failed: {run_secs}"
+    finally:
+        server.terminate()
+        tracker.terminate()
