@@ -30,11 +30,27 @@ def default_schedule(func, family: str):
 def search_space(family: str):
     """The MetaSchedule search space (space generator) for a target family.
 
-    x86 and CUDA: MetaSchedule's post-order-apply over its default schedule rules for the
-    target (multi-level tiling, inlining, parallelize/vectorize/unroll, and for CUDA thread
-    binding and shared-memory staging): a sound space for every kernel; designed per-kernel
-    templates can replace it per block through the ``schedule_rule`` annotation.
+    x86: MetaSchedule's post-order-apply over its default CPU rules (multi-level tiling,
+    inlining, parallelize/vectorize/unroll). CUDA: the default GPU rules (tiling bound to
+    blocks/threads, shared-memory staging, unrolling) without cross-thread reduction, which
+    cannot schedule our kernels: their conv output is both a result and the input of the
+    statistics epilogue. Designed per-kernel templates can replace a rule per block through
+    the ``schedule_rule`` annotation (MetaSchedule's ApplyCustomRule).
     """
-    if family.startswith("x86") or family.startswith("cuda"):
+    if family.startswith("x86"):
         return "post-order-apply"
+    if family.startswith("cuda"):
+        from tvm.s_tir import meta_schedule as ms
+
+        rules = [r for r in ms.ScheduleRule.create("cuda") if type(r).__name__ != "CrossThreadReduction"]
+        return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs="cuda", mutator_probs="cuda")
     raise NotImplementedError(f"no search space for target family {family!r}")
+
+
+def cuda_target(arch: str):
+    """The TVM target of an NVIDIA GPU, e.g. arch 'sm_90' (imports tvm)."""
+    from tvm.target import Target
+
+    return Target({"kind": "cuda", "arch": arch, "max_num_threads": 1024, "max_threads_per_block": 1024,
+                   "thread_warp_size": 32, "registers_per_block": 65536, "max_shared_memory_per_block": 49152,
+                   "host": {"kind": "llvm"}})

@@ -48,7 +48,14 @@ def _tune(args) -> int:
     from tvm_rbn.tuning import records
     from tvm_rbn.tuning.tune import tune
 
-    family = host_family()
+    target = None
+    if args.target == "cpu":
+        family = host_family()
+    else:  # cuda:sm_XX
+        from tvm_rbn.schedules import cuda_target
+
+        arch = args.target.split(":", 1)[1] if ":" in args.target else "sm_90"
+        family, target = f"cuda-{arch.replace('_', '')}", cuda_target(arch)
     out = records.folder(family, args.logs)
     runner = None
     if args.rpc_tracker:
@@ -60,7 +67,7 @@ def _tune(args) -> int:
     print(f"tuning {args.model} at input {_shape(args)} for {family}: budget {args.trials} trials"
           + (f" or {args.seconds:.0f} s" if args.seconds else "") + f"; records go to {out}", flush=True)
     report = tune(_model(args), _shape(args), out=out, family=family, trials=args.trials, seconds=args.seconds,
-                  trials_per_batch=args.batch_trials, runner=runner)
+                  trials_per_batch=args.batch_trials, runner=runner, target=target)
     print(f"{report.trials} trials over {report.tasks} kernels in {report.seconds:.0f} s "
           f"({report.seconds_per_trial:.1f} s per trial); records in {report.folder}")
     return 0
@@ -123,6 +130,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-trials", type=int, default=16, help="candidates measured per batch (default 16)")
     p.add_argument("--logs", default=None, help="tuning-log root (default: the project's tuning_logs/); "
                                                 "records go to LOGS/<target family>/")
+    p.add_argument("--target", default="cpu", metavar="cpu|cuda:sm_XX",
+                   help="the host CPU (default), or an NVIDIA GPU by its architecture, e.g. cuda:sm_90")
     p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT",
                    help="measure on the RPC servers registered with this tracker instead of locally")
     p.add_argument("--rpc-key", default="tvm_rbn", help="device key of the RPC servers (default tvm_rbn)")
