@@ -32,17 +32,33 @@ def search_space(family: str):
 
     x86: MetaSchedule's post-order-apply over its default CPU rules (multi-level tiling,
     inlining, parallelize/vectorize/unroll). CUDA: the default GPU rules (tiling bound to
-    blocks/threads, shared-memory staging, unrolling) without cross-thread reduction, which
-    cannot schedule our kernels: their conv output is both a result and the input of the
-    statistics epilogue. Designed per-kernel templates can replace a rule per block through
+    blocks/threads, shared-memory staging, unrolling), with two changes: no cross-thread
+    reduction, which cannot schedule our kernels (their conv output is both a result and the
+    input of the statistics epilogue), and no virtual threads in the tiling. Designed per-kernel templates can replace a rule per block through
     the ``schedule_rule`` annotation (MetaSchedule's ApplyCustomRule).
     """
     if family.startswith("x86"):
         return "post-order-apply"
     if family.startswith("cuda"):
         from tvm.s_tir import meta_schedule as ms
+        from tvm.s_tir.meta_schedule.schedule_rule import MultiLevelTiling, ReuseType
 
-        rules = [r for r in ms.ScheduleRule.create("cuda") if type(r).__name__ != "CrossThreadReduction"]
+        # The default tiling binds its middle level to vthread.x and samples factors such as 14
+        # from our odd spatial sizes, which VerifyGPUCode rejects (at most 8 virtual threads):
+        # bind that level to threadIdx.y instead.
+        tiling = MultiLevelTiling(
+            structure="SSSRRSRS", tile_binds=["blockIdx.x", "threadIdx.y", "threadIdx.x"], max_innermost_factor=64,
+            vector_load_lens=[1, 2, 3, 4, 8, 16],
+            reuse_read=ReuseType(req="must", levels=[4], scope="shared"),
+            reuse_write=ReuseType(req="must", levels=[3], scope="local"),
+        )
+        rules = []
+        for rule in ms.ScheduleRule.create("cuda"):
+            name = type(rule).__name__
+            if name == "MultiLevelTiling":
+                rules.append(tiling)
+            elif name != "CrossThreadReduction":
+                rules.append(rule)
         return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs="cuda", mutator_probs="cuda")
     raise NotImplementedError(f"no search space for target family {family!r}")
 

@@ -6,8 +6,8 @@
 # Run it on the machine with the GPU (under nohup: it is long). The GPU architecture is read
 # from nvidia-smi; records go to tuning_logs/cuda-smXX/ after every measured batch, and
 # rerunning resumes. Nothing is committed: review and commit tuning_logs/ yourself.
-# The CUDA search space covers the forward fused kernels so far (see schedules/__init__.py);
-# the PyTorch bridge runs on the CPU target only.
+# Building libraries and the PyTorch bridge target the CPU only so far: these records are
+# ready for the CUDA build path, which is not there yet.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_env.sh"

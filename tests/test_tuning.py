@@ -129,9 +129,7 @@ def test_measurement_through_rpc_tracker_and_server(tmp_path):
         tracker.terminate()
 
 
-# The gradient kernels' CUDA samples are all rejected by MetaSchedule's VerifyGPUCode so far
-# (they compile when the check is skipped): CUDA tuning covers the forward kernels only.
-@pytest.mark.parametrize("op", ["conv2d_fused"])
+@pytest.mark.parametrize("op", ["conv2d_fused", "conv2d_dgrad", "conv2d_wgrad"])
 def test_cuda_search_space_yields_kernels_that_compile(op):
     """No GPU here: check that the CUDA space samples valid schedules that nvcc compiles."""
     import tvm

@@ -174,8 +174,6 @@ def tune(model, input_shape, *, out: str | os.PathLike | None = None, family: st
 
     family = family or host_family()
     tunable = [(spec, count) for spec, count in extract(model, input_shape) if is_tunable(spec)]
-    if family.startswith("cuda"):  # see schedules.search_space: the CUDA space covers forward kernels
-        tunable = [(spec, count) for spec, count in tunable if spec.op == "conv2d_fused"]
     weighted = [(spec, count * flops(spec)) for spec, count in tunable]
     weighted = [(s, w if w > 0 else flops(s)) for s, w in weighted]  # eval-only kernels: weight of one call
     return tune_specs(weighted, Path(out) if out else records.folder(family), family=family, trials=trials,
