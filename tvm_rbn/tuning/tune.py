@@ -120,9 +120,12 @@ def tune_specs(
         deadline = start + seconds if seconds else float("inf")
         builder = ms.builder.LocalBuilder(f_build=BUILD_FUNC, initializer=register, timeout_sec=60.0)
         runner = runner or ms.runner.LocalRunner(timeout_sec=60.0)
-        for row, task in zip(report_rows, tasks):
-            if row["trials_before"] == 0 and not family.startswith("cuda"):
-                row["default_measured"] = _seed_with_default(db, task.mod, family, target, builder, runner)
+        fresh = [i for i, row in enumerate(report_rows) if row["trials_before"] == 0]
+        if fresh and not family.startswith("cuda"):
+            stream.write(f"measuring the default schedules of {len(fresh)} kernels first\n")
+            measured_ok = _seed_with_defaults(db, [tasks[i].mod for i in fresh], family, target, builder, runner)
+            for i, ok in zip(fresh, measured_ok):
+                report_rows[i]["default_measured"] = ok
         records.publish(scratch, out)
         already += sum(1 for row in report_rows if row.get("default_measured"))
         callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
@@ -140,25 +143,30 @@ def tune_specs(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _seed_with_default(db, mod, family: str, target, builder, runner) -> bool:
-    """Measure the default template's schedule and record it, so the best record of a workload
-    is never slower than what an untuned build would use. False if it failed to build or run."""
+def _seed_with_defaults(db, mods: list, family: str, target, builder, runner) -> list[bool]:
+    """Measure each kernel's default-template schedule and record it, so the best record of a
+    workload is never slower than what an untuned build would use. One builder and one runner
+    batch for all kernels; per kernel, False if its default failed to build or run."""
     from tvm.s_tir import meta_schedule as ms
 
     from tvm_rbn.schedules import default_schedule
 
-    sch = default_schedule(mod["main"], family)
-    built = builder.build([ms.builder.BuilderInput(sch.mod, target)])[0]
-    if built.error_msg:
-        return False
-    args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+    schedules = [default_schedule(mod["main"], family) for mod in mods]
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for sch in schedules])
     device = "cpu" if target.kind.name == "llvm" else target.kind.name
-    result = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])[0].result()
-    if result.error_msg or not result.run_secs:
-        return False
-    db.commit_tuning_record(ms.database.TuningRecord(
-        sch.trace, db.commit_workload(mod), [float(t) for t in result.run_secs], target, args_info))
-    return True
+    args_infos = [ms.arg_info.ArgInfo.from_prim_func(mod["main"]) for mod in mods]
+    runnable = [i for i, b in enumerate(built) if not b.error_msg]
+    futures = runner.run([ms.runner.RunnerInput(built[i].artifact_path, device, args_infos[i]) for i in runnable])
+    ok = [False] * len(mods)
+    for i, future in zip(runnable, futures):
+        result = future.result()
+        if result.error_msg or not result.run_secs:
+            continue
+        db.commit_tuning_record(ms.database.TuningRecord(
+            schedules[i].trace, db.commit_workload(mods[i]), [float(t) for t in result.run_secs], target,
+            args_infos[i]))
+        ok[i] = True
+    return ok
 
 
 def _space(family: str):
