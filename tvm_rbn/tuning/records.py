@@ -10,6 +10,7 @@ is killed leaves the last published state intact.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -113,7 +114,13 @@ def validate(path: Path, family: str) -> int:
 
 
 def load(path: Path, family: str):
-    """The folder as a MetaSchedule database, after validation (imports tvm)."""
+    """The folder as a MetaSchedule database, after validation (imports tvm). Loaded once per
+    process and content: a build of many kernels does not re-read a large log each time."""
+    return _load(Path(path).resolve(), family, content_hash(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: Path, family: str, _content: str):
     validate(path, family)
     from tvm.s_tir import meta_schedule as ms
 
