@@ -69,6 +69,17 @@ def _family_of_target(target: dict) -> str:
     return str(kind)
 
 
+def _json_lines(path: Path):
+    """(line number, parsed entry) for each non-empty line of a JSON-lines file."""
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TuningLogError(f"{path}:{i}: not valid JSON ({exc.msg}); truncated or corrupt") from None
+
+
 def validate(path: Path, family: str) -> int:
     """Check a tuning-log folder for `family`; returns the number of records."""
     workloads, records = path / WORKLOADS, path / RECORDS
@@ -76,25 +87,13 @@ def validate(path: Path, family: str) -> int:
         missing = WORKLOADS if not workloads.is_file() else RECORDS
         raise TuningLogError(f"{path}: {missing} is missing (a tuning-log folder holds {WORKLOADS} and {RECORDS})")
     n_workloads = 0
-    for i, line in enumerate(workloads.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TuningLogError(f"{workloads}:{i}: not valid JSON ({exc.msg}); truncated or corrupt") from None
+    for i, entry in _json_lines(workloads):
         if not (isinstance(entry, list) and len(entry) == 2):
             raise TuningLogError(f"{workloads}:{i}: not a MetaSchedule workload entry")
         n_workloads += 1
     count = 0
     seen_targets: dict[str, str] = {}
-    for i, line in enumerate(records.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TuningLogError(f"{records}:{i}: not valid JSON ({exc.msg}); truncated or corrupt") from None
+    for i, entry in _json_lines(records):
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) and isinstance(entry[1], list)
                 and len(entry[1]) >= 3):
             raise TuningLogError(f"{records}:{i}: not a MetaSchedule tuning record")
