@@ -47,8 +47,31 @@ from typing import NamedTuple
 import torch
 
 from . import _checks as check
-from .build.provider import kernel
+from .build import provider
 from .kernels import KernelSpec
+
+# Bytes: the kernels' compact buffers are declared with TVM's default data alignment, and the
+# generated code may use aligned vector loads on them, so a tensor starting elsewhere (a row
+# of a (4, C) coefficient tensor, say) must not be passed as is.
+KERNEL_ALIGNMENT = 64
+
+
+def _aligned(t):
+    if isinstance(t, torch.Tensor) and t.is_contiguous() and t.data_ptr() % KERNEL_ALIGNMENT:
+        return t.clone(memory_format=torch.contiguous_format)  # fresh storage is aligned
+    return t
+
+
+def kernel(spec: KernelSpec):
+    """The kernel for `spec`, called with each misaligned contiguous input replaced by an
+    aligned copy (outputs are always fresh, aligned tensors; channel-slice views are declared
+    with element alignment by their specs and passed as they are)."""
+    fn = provider.kernel(spec)
+
+    def call(*args):
+        return fn(*(_aligned(a) for a in args))
+
+    return call
 
 
 class BNCoefficients(NamedTuple):

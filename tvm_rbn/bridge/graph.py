@@ -38,8 +38,6 @@ def conv_unsupported(conv: nn.Module) -> str:
         return f"groups={conv.groups} (only groups=1 is supported)"
     if tuple(conv.dilation) != (1, 1):
         return f"dilation={tuple(conv.dilation)} (only 1 is supported)"
-    if conv.bias is not None:
-        return "conv has a bias (fused convs have none; a bias before BatchNorm is redundant)"
     if isinstance(conv.padding, str):
         return f"padding={conv.padding!r} (only explicit padding is supported)"
     if conv.padding_mode != "zeros":
@@ -118,8 +116,11 @@ def rewrite(gm: fx.GraphModule, prefix: str = "") -> list[BNDecision]:
                     prologue[3].apply.append(f"prologue of {prefix}{src.target}")
                 else:
                     args = (conv_in, None, weight)
+                if conv.bias is not None:  # folded into this BN (tvm_rbn.bridge.ops, "Conv bias")
+                    args += (graph.get_attr(src.target + ".bias"),)
                 relu_in = prologue[2] if prologue is not None else False
-                decision.stats = f"epilogue of {prefix}{src.target}"
+                decision.stats = f"epilogue of {prefix}{src.target}" + (
+                    " (its bias folded into the BatchNorm)" if conv.bias is not None else "")
                 dead.append(src)
             else:
                 args = (_materialize(graph, src, act_info),) if src in act_info else (src,)

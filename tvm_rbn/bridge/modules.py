@@ -44,11 +44,12 @@ class RBNBatchNorm2d(nn.BatchNorm2d):
         new.kernels = set()  # symbols of the kernels run for this BN (see tvm_rbn.report)
         return new
 
-    def forward(self, x, coeffs_in=None, conv_weight=None):
+    def forward(self, x, coeffs_in=None, conv_weight=None, conv_bias=None):
+        """conv_bias (with conv_weight): folded into this BatchNorm (see tvm_rbn.bridge.ops)."""
         with provider.owner(self.kernels):
-            return self._forward(x, coeffs_in, conv_weight)
+            return self._forward(x, coeffs_in, conv_weight, conv_bias)
 
-    def _forward(self, x, coeffs_in, conv_weight):
+    def _forward(self, x, coeffs_in, conv_weight, conv_bias):
         if x.dim() != 4:
             raise ValueError(f"expected 4D input (got {x.dim()}D input)")
         x = x.contiguous()
@@ -62,7 +63,8 @@ class RBNBatchNorm2d(nn.BatchNorm2d):
                 y = torch.nn.functional.conv2d(x, conv_weight, stride=stride, padding=padding)
             else:
                 y = torch.ops.tvm_rbn.conv_prologue(x, coeffs_in, self.relu_in, conv_weight, list(stride), list(padding))
-            return y, torch.ops.tvm_rbn.bn_eval(self.weight, self.bias, self.running_mean, self.running_var, self.eps)
+            return y, torch.ops.tvm_rbn.bn_eval(self.weight, self.bias, self.running_mean, self.running_var, self.eps,
+                                                conv_bias)
         factor = 0.0
         if update:
             self.num_batches_tracked.add_(1)
@@ -74,7 +76,7 @@ class RBNBatchNorm2d(nn.BatchNorm2d):
             y = x
         else:
             y, coeffs, new_rm, new_rv = torch.ops.tvm_rbn.conv_bn_train(
-                x, coeffs_in, self.relu_in, conv_weight, list(self.conv_stride), list(self.conv_padding),
+                x, coeffs_in, self.relu_in, conv_weight, conv_bias, list(self.conv_stride), list(self.conv_padding),
                 self.weight, self.bias, rm, rv, self.eps, factor)
         if update:
             with torch.no_grad():
@@ -99,4 +101,4 @@ class RBNConv2d(nn.Conv2d):
     def forward(self, y, coeffs):
         with provider.owner(self.kernels):
             return torch.ops.tvm_rbn.conv_prologue(
-                y, coeffs, self.relu_in, self.weight, list(self.stride), list(self.padding))
+                y, coeffs, self.relu_in, self.weight, list(self.stride), list(self.padding), self.bias)

@@ -18,7 +18,19 @@ rows 2-3 are zero. Centred sums keep the BatchNorm gradients accurate when |mean
 where sum(dz*y) - mean*sum(dz) would cancel. The producer turns dgamma/dbeta into the
 parameter gradients and into c2 = -scale*invstd*dgamma/m, c3 = -scale*dbeta/m - c2*mean
 (DESIGN.md section 3); the raw output's gradient dy + c2*y + c3 is never materialized: the
-dgrad and wgrad kernels form it in their prologue.
+dgrad and wgrad kernels form it in their prologue. For y, a consumer returns scale*dz (the
+gradient of relu(y*scale + shift) with the coefficients held fixed), so the sum over (n, p, q)
+of what the producer receives for y is scale*dbeta.
+
+Conv bias: a BatchNorm cancels a per-channel shift of its input, so the bias of a conv that
+feeds a BatchNorm is folded into that BatchNorm instead of being added to the conv output:
+``conv_bn_train`` returns y = conv(x) without the bias, and coeffs relative to that y (the
+statistics of y + b are those of y with the mean moved by b, which leaves scale and shift
+unchanged); only the running mean sees the bias (+ factor*b). In eval mode ``bn_eval`` folds
+it into shift and mean (shift + b*scale, running_mean - b). The bias gradient, the sum of the
+conv output's gradient over (n, p, q), is scale*dbeta + m*(c2*mean + c3): formed from the
+dbeta reduction the backward already does (``_bias_grad``), no pass over a tensor. A biased
+conv not followed by a BatchNorm (``conv_prologue``) adds its bias after the kernel.
 
 All ops are registered under ``torch.ops.tvm_rbn`` with fake implementations, so restructured
 models run under torch.compile.
@@ -69,17 +81,22 @@ def _running_out(running: Optional[Tensor], like: Tensor) -> Tensor:
 
 @torch.library.custom_op(f"{_LIB}::conv_bn_train", mutates_args=())
 def conv_bn_train(
-    x: Tensor, coeffs_in: Optional[Tensor], relu_in: bool, weight: Tensor, stride: list[int], padding: list[int],
-    gamma: Optional[Tensor], beta: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
-    eps: float, factor: float,
+    x: Tensor, coeffs_in: Optional[Tensor], relu_in: bool, weight: Tensor, conv_bias: Optional[Tensor],
+    stride: list[int], padding: list[int], gamma: Optional[Tensor], beta: Optional[Tensor],
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float, factor: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """y = conv(x) *without* the conv bias; coeffs relative to y (see "Conv bias" above)."""
     x, w = x.detach(), weight.detach()
     if coeffs_in is None:
         y, tile_sum, tile_m2 = rbn.conv2d_stats(x, w, stride, padding)
     else:
         c = _coeffs(coeffs_in)
         y, tile_sum, tile_m2 = rbn.bn_relu_conv2d_stats(x, c.scale, c.shift, w, stride, padding, relu_in)
-    return (y, *_finalize(tile_sum, tile_m2, rbn.tile_count(y), gamma, beta, running_mean, running_var, eps, factor))
+    coeffs, rm, rv = _finalize(tile_sum, tile_m2, rbn.tile_count(y), gamma, beta, running_mean, running_var, eps,
+                               factor)
+    if conv_bias is not None and running_mean is not None:
+        rm.add_(conv_bias.detach(), alpha=factor)  # the BN input's mean is mean(y) + bias
+    return y, coeffs, rm, rv
 
 
 def _finalize(tile_sum, tile_m2, count, gamma, beta, running_mean, running_var, eps, factor):
@@ -94,7 +111,8 @@ def _fake_running(running: Optional[Tensor], x: Tensor, channels: int) -> Tensor
 
 
 @conv_bn_train.register_fake
-def _(x, coeffs_in, relu_in, weight, stride, padding, gamma, beta, running_mean, running_var, eps, factor):
+def _(x, coeffs_in, relu_in, weight, conv_bias, stride, padding, gamma, beta, running_mean, running_var, eps,
+      factor):
     p, q = _out_hw(x, weight, stride, padding)
     k = weight.shape[0]
     return (x.new_empty((x.shape[0], k, p, q)), x.new_empty((4, k)),
@@ -118,26 +136,33 @@ def _(x, gamma, beta, running_mean, running_var, eps, factor):
 
 @torch.library.custom_op(f"{_LIB}::bn_eval", mutates_args=())
 def bn_eval(gamma: Optional[Tensor], beta: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
-            eps: float) -> Tensor:
+            eps: float, conv_bias: Optional[Tensor] = None) -> Tensor:
+    """Eval-mode coeffs; with conv_bias, relative to the conv output without its bias."""
     rm, rv = running_mean.detach(), running_var.detach()
     scale, shift = rbn.bn_eval_coefficients(_d(gamma), _d(beta), rm, rv, eps)
+    if conv_bias is not None:  # BN(y + b) = (y - (rm - b))*scale + beta
+        b = conv_bias.detach()
+        return torch.stack([scale, shift + b * scale, rm - b, torch.rsqrt(rv + eps)])
     return torch.stack([scale, shift, rm, torch.rsqrt(rv + eps)])
 
 
 @bn_eval.register_fake
-def _(gamma, beta, running_mean, running_var, eps):
+def _(gamma, beta, running_mean, running_var, eps, conv_bias=None):
     return running_mean.new_empty((4, running_mean.shape[0]))
 
 
 @torch.library.custom_op(f"{_LIB}::conv_prologue", mutates_args=())
 def conv_prologue(x: Tensor, coeffs_in: Tensor, relu_in: bool, weight: Tensor, stride: list[int],
-                  padding: list[int]) -> Tensor:
+                  padding: list[int], conv_bias: Optional[Tensor] = None) -> Tensor:
     c = _coeffs(coeffs_in)
-    return rbn.bn_relu_conv2d(x.detach(), c.scale, c.shift, weight.detach(), stride, padding, relu_in)
+    y = rbn.bn_relu_conv2d(x.detach(), c.scale, c.shift, weight.detach(), stride, padding, relu_in)
+    if conv_bias is not None:  # no BatchNorm follows to fold it into: added here
+        y.add_(conv_bias.detach().view(1, -1, 1, 1))
+    return y
 
 
 @conv_prologue.register_fake
-def _(x, coeffs_in, relu_in, weight, stride, padding):
+def _(x, coeffs_in, relu_in, weight, stride, padding, conv_bias=None):
     p, q = _out_hw(x, weight, stride, padding)
     return x.new_empty((x.shape[0], weight.shape[0], p, q))
 
@@ -221,9 +246,21 @@ def _bn_backward(g_coeffs: Optional[Tensor], coeffs: Tensor, m: int):
     return dgamma, dbeta, c2, c3
 
 
+def _bias_grad(dbeta: Tensor, coeffs: Tensor, c2: Tensor, c3: Tensor, m: int) -> Tensor:
+    """d loss / d conv bias = sum over (n, p, q) of the conv output's gradient g_y + c2*y + c3.
+
+    The consumers' part of g_y is scale*dz (the private convention), and dbeta = sum dz; sum y
+    = m*mean: the bias gradient is scale*dbeta + m*(c2*mean + c3), from the reductions the
+    backward already did. (In training mode it is 0 up to rounding: the BatchNorm cancels a
+    per-channel shift of its input.)
+    """
+    scale, _, mean, _ = coeffs.unbind(0)
+    return scale * dbeta + m * (c2 * mean + c3)
+
+
 def _setup_conv_bn(ctx, inputs, output):
     ctx.owner = provider.current_owner()  # backward kernels count for the same BN
-    x, coeffs_in, relu_in, weight, stride, padding, gamma = inputs[:7]
+    x, coeffs_in, relu_in, weight, conv_bias, stride, padding, gamma = inputs[:8]
     y, coeffs = output[:2]
     ctx.save_for_backward(x, coeffs_in, weight, y, coeffs)
     ctx.conf = (relu_in, list(stride), list(padding), gamma is not None)
@@ -232,14 +269,16 @@ def _setup_conv_bn(ctx, inputs, output):
 def _backward_conv_bn(ctx, g_y, g_coeffs, *_unused):
     x, coeffs_in, weight, y, coeffs = ctx.saved_tensors
     relu_in, stride, padding, affine = ctx.conf
-    dgamma, dbeta, c2, c3 = _bn_backward(g_coeffs, coeffs, y.shape[0] * y.shape[2] * y.shape[3])
+    m = y.shape[0] * y.shape[2] * y.shape[3]
+    dgamma, dbeta, c2, c3 = _bn_backward(g_coeffs, coeffs, m)
     g_y = torch.zeros_like(y) if g_y is None else g_y.contiguous()
     need = ctx.needs_input_grad
     with provider.owner(ctx.owner):
         gx, gw, gcoeffs_in = torch.ops.tvm_rbn.conv_backward(
             g_y, c2, c3, y, x, coeffs_in, relu_in, weight, stride, padding, need[0] or need[1], need[3])
-    return (gx if need[0] else None, gcoeffs_in if need[1] else None, None, gw if need[3] else None, None, None,
-            dgamma if affine and need[6] else None, dbeta if affine and need[7] else None, None, None, None, None)
+    gb = _bias_grad(dbeta, coeffs, c2, c3, m) if need[4] else None
+    return (gx if need[0] else None, gcoeffs_in if need[1] else None, None, gw if need[3] else None, gb, None, None,
+            dgamma if affine and need[7] else None, dbeta if affine and need[8] else None, None, None, None, None)
 
 
 torch.library.register_autograd(f"{_LIB}::conv_bn_train", _backward_conv_bn, setup_context=_setup_conv_bn)
@@ -266,12 +305,17 @@ torch.library.register_autograd(f"{_LIB}::bn_train", _backward_bn, setup_context
 def _setup_bn_eval(ctx, inputs, output):
     ctx.owner = provider.current_owner()  # backward kernels count for the same BN
     ctx.affine = inputs[0] is not None
+    ctx.save_for_backward(output)
 
 
 def _backward_bn_eval(ctx, g_coeffs):
     need = ctx.needs_input_grad
-    return (g_coeffs[0] if ctx.affine and need[0] else None, g_coeffs[1] if ctx.affine and need[1] else None,
-            None, None, None)
+    (coeffs,) = ctx.saved_tensors
+    grads = (g_coeffs[0] if ctx.affine and need[0] else None, g_coeffs[1] if ctx.affine and need[1] else None,
+             None, None, None)
+    if len(need) > 5:  # called with a conv bias: its gradient is sum over (n, p, q) of scale*dz
+        grads += (coeffs[0] * g_coeffs[1] if need[5] else None,)
+    return grads
 
 
 torch.library.register_autograd(f"{_LIB}::bn_eval", _backward_bn_eval, setup_context=_setup_bn_eval)
@@ -279,7 +323,7 @@ torch.library.register_autograd(f"{_LIB}::bn_eval", _backward_bn_eval, setup_con
 
 def _setup_conv(ctx, inputs, output):
     ctx.owner = provider.current_owner()  # backward kernels count for the same BN
-    x, coeffs_in, relu_in, weight, stride, padding = inputs
+    x, coeffs_in, relu_in, weight, stride, padding = inputs[:6]
     ctx.save_for_backward(x, coeffs_in, weight)
     ctx.conf = (relu_in, list(stride), list(padding))
 
@@ -292,7 +336,10 @@ def _backward_conv(ctx, g_y):
         gx, gw, gcoeffs_in = torch.ops.tvm_rbn.conv_backward(
             g_y.contiguous(), None, None, None, x, coeffs_in, relu_in, weight, stride, padding,
             need[0] or need[1], need[3])
-    return gx if need[0] else None, gcoeffs_in if need[1] else None, None, gw if need[3] else None, None, None
+    grads = (gx if need[0] else None, gcoeffs_in if need[1] else None, None, gw if need[3] else None, None, None)
+    if len(need) > 6:  # called with a conv bias
+        grads += (g_y.sum((0, 2, 3)) if need[6] else None,)
+    return grads
 
 
 torch.library.register_autograd(f"{_LIB}::conv_prologue", _backward_conv, setup_context=_setup_conv)
