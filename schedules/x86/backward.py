@@ -1,71 +1,39 @@
 """Default (untuned) x86 schedules of the backward kernels (``tvm_rbn.ops.conv2d_bn_backward``,
 ``tvm_rbn.ops.bn_backward``): parallel over cores, vectorized, correct for any shape.
 
-As in ``default``, every split is by a divisor of the loop extent, and every reduction runs in
-a fixed order inside one task: no atomics, so results do not depend on the thread count.
-
-The templates are listed in ``default.DEFAULT_TEMPLATES``; this module imports the shared
-helpers from ``default`` when a template runs, not at import time, so either module can be
-imported first.
+As in ``conv`` (the forward template, whose design the data gradient mirrors), every split is
+by a divisor of the loop extent, and every reduction runs in a fixed order inside one task: no
+atomics, so results do not depend on the thread count. Templates are listed in
+``default.DEFAULT_TEMPLATES``.
 """
 from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
 
 from tvm.s_tir import Schedule
 from tvm.tirx import IterVar
 
-from tvm_rbn.build.target import vector_lanes
+from tvm_rbn.build.target import host_cores, vector_lanes
+
+from . import common as cm
 
 
-# Input rows per dgrad task: the gradient rows they read (R-1 more than the task's rows, per
-# stride phase) are formed once per task, so more rows per task recompute the overlap less.
-ROWS_PER_TASK = 4
-
-
-def _helpers():
-    from . import default
-
-    return default
+# output channels per block of the packed gradient (dgrad's innermost reduction loop)
+K_BLOCK = 16
 
 
 def _dtype(sch: Schedule, block) -> str:
-    return str(sch.get(block).writes[0].source.dtype)
-
-
-def _is_identity(sch: Schedule, block) -> bool:
-    """A padding stage that pads nothing (same shape as what it reads)."""
-    out = list(sch.get(block).writes[0].source.shape)
-    return all(list(r.source.shape) == out for r in sch.get(block).reads if len(r.source.shape) == len(out))
+    return cm.dtype_of(sch, block)
 
 
 def _schedule_spatial_root(sch: Schedule, block, lanes: int) -> None:
     """A stage computed once over its whole extent: parallel outer loops, vectorized inner."""
-    _helpers()._parallel_vectorize(sch, block, lanes)
+    cm.parallel_vectorize(sch, block, lanes)
 
 
-def _vectorize_inner(sch: Schedule, block, lanes: int) -> None:
-    """Vectorize a divisor of a block's innermost loop."""
-    h = _helpers()
-    inner = sch.get_loops(block)[-1]
-    v = h._largest_divisor(h._extents(sch, [inner])[0], lanes)
-    if v > 1:
-        sch.vectorize(sch.split(inner, [None, v])[1])
-
-
-def _iter_order(sch: Schedule, block, order: list) -> None:
-    """Reorder a block's iteration variables: ("write", i) names the variable indexing
-    dimension i of what the block writes; None stands for its reduction variables (in their
-    order). The loops that compute_at / reverse_compute_at create follow this order."""
-    sblock = sch.get(block)
-    region = sblock.writes[0].region
-    positions = []
-    for item in order:
-        if item is None:
-            positions += [i for i, iv in enumerate(sblock.iter_vars) if iv.iter_type != IterVar.DataPar]
-        else:
-            var = region[item[1]].min
-            (pos,) = [i for i, iv in enumerate(sblock.iter_vars) if iv.var.same_as(var)]
-            positions.append(pos)
-    sch.reorder_block_iter_var(block, positions)
+_vectorize_inner = cm.vectorize_inner
+_iter_order = cm.iter_order
 
 
 def _row_partials(sch: Schedule, block, row, lanes: int) -> None:
@@ -75,10 +43,9 @@ def _row_partials(sch: Schedule, block, row, lanes: int) -> None:
     input row h adds its row into `lanes` partials of its own (vectorized, no atomics), and a
     final plane-parallel pass adds each plane's H*lanes partials in a fixed order.
     """
-    h = _helpers()
     n, c, rh, rw = sch.get_loops(block)
-    ext_w = h._extents(sch, [rw])[0]
-    lane = h._largest_divisor(ext_w, lanes)
+    ext_w = cm.extents(sch, [rw])[0]
+    lane = cm.largest_divisor(ext_w, lanes)
     rwo, rwi = sch.split(rw, [None, lane])
     sch.reorder(n, c, rwo, rh, rwi)
     rf = sch.rfactor(sch.fuse(rh, rwi), factor_axis=2)
@@ -97,124 +64,377 @@ def _row_partials(sch: Schedule, block, row, lanes: int) -> None:
     sch.parallel(sch.fuse(n, c))
 
 
+@dataclass(frozen=True)
+class DgradKnobs:
+    """Knobs of the data-gradient template (see ``DgradTemplate``).
+
+    ic_block: input channels (the dgrad's output channels) per register tile, a divisor of C:
+        the vector axis, 2 vectors when C allows.
+    ow_block: columns of one stride phase per tile, a divisor of ceil(W / stride).
+    k_block: output channels per block of the packed gradient, a divisor of K (the innermost
+        reduction loop; small keeps the packing transposition cheap).
+    per_image: tasks are images (gradient packed in-task, in cache) or (image, ic block) pairs.
+    row_tasks: input-row blocks per task in the parallel loop (small batches); > 1 moves the
+        BatchNorm partials to separate passes.
+    """
+
+    ic_block: int
+    ow_block: int
+    k_block: int
+    per_image: bool = True
+    row_tasks: int = 1
+
+
+@dataclass(frozen=True)
+class DgradShape:
+    n: int
+    c: int
+    h: int
+    phases: int
+    u: int
+    k: int
+    lanes: int
+
+
+def dgrad_shape(sch: Schedule, family: str) -> DgradShape:
+    dgrad = cm.blocks(sch)["dgrad"]
+    n, c, h, t, u, k = cm.extents(sch, sch.get_loops(dgrad)[:6])
+    return DgradShape(n, c, h, t, u, k, vector_lanes(family, cm.dtype_of(sch, dgrad)))
+
+
+def default_dgrad_knobs(shape: DgradShape, cores: int | None = None) -> DgradKnobs:
+    """The forward template's rules with C in the role of K (see ``conv.default_knobs``)."""
+    from .conv import MIN_IMAGES_PER_CORE, MIN_TASKS, tile_channels
+
+    cb, ub = tile_channels(shape.c, shape.u, shape.lanes)
+    kb = cm.largest_divisor(shape.k, K_BLOCK)
+    cores = cores or host_cores()
+    if shape.n >= MIN_IMAGES_PER_CORE * cores:
+        return DgradKnobs(cb, ub, kb, per_image=True)
+    tasks = shape.n * (shape.c // cb)
+    rows = 1 if tasks >= MIN_TASKS else cm.largest_divisor(shape.h, -(-MIN_TASKS // tasks))
+    return DgradKnobs(cb, ub, kb, per_image=False, row_tasks=rows)
+
+
+def dgrad_knob_candidates(shape: DgradShape) -> list[DgradKnobs]:
+    """Valid knob settings around the default, for a tuner to measure (default first)."""
+    from .conv import ACCUMULATOR_REGISTERS
+
+    base = default_dgrad_knobs(shape)
+    out = [base]
+    for cb in sorted({d for d in (shape.lanes, 2 * shape.lanes) if shape.c % d == 0} | {base.ic_block}):
+        vec = max(1, cb // cm.largest_divisor(cb, shape.lanes))
+        ubs = sorted(d for d in range(1, shape.u + 1) if shape.u % d == 0 and d * vec <= ACCUMULATOR_REGISTERS)[-3:]
+        kbs = sorted({d for d in (4, 8, 16, 32) if shape.k % d == 0} | {base.k_block})
+        for ub, kb, per_image in itertools.product(ubs, kbs, (True, False)):
+            kn = replace(base, ic_block=cb, ow_block=ub, k_block=kb, per_image=per_image)
+            if kn not in out:
+                out.append(kn)
+    return out
+
+
+def schedule_dgrad(sch: Schedule, family: str, knobs: DgradKnobs | None = None) -> Schedule:
+    shape = dgrad_shape(sch, family)
+    kn = knobs or default_dgrad_knobs(shape)
+    B = cm.blocks(sch)
+    dgrad = B["dgrad"]
+    cb, ub, kb = kn.ic_block, kn.ow_block, kn.k_block
+    for what, size, block in (("ic_block", shape.c, cb), ("ow_block", shape.u, ub), ("k_block", shape.k, kb),
+                              ("row_tasks", shape.h, kn.row_tasks)):
+        if size % block:
+            raise ValueError(f"{what}={block} does not divide {size}")
+    lanes = shape.lanes
+    vl = cm.largest_divisor(cb, lanes)
+    epilogue = "dz" in B
+
+    # gradient (grad prologue applied, zero border) -> [n, k//kb, y, x, k%kb]
+    gpad = B["grad_pad"]
+    if "grad" in B:
+        sch.compute_inline(B["grad"])
+    sch.transform_layout(gpad, ("write", 0), lambda n, k, y, x: (n, k // kb, y, x, k % kb))
+    # weights (zero taps added for strides) -> [c//cb, k//kb, ry, rx, k%kb, c%cb]
+    if "weight_pad" in B:
+        wpack = B["weight_pad"]
+    else:
+        wpack = sch.cache_read(dgrad, cm.read_index(sch, dgrad, "w"), "global")
+    sch.transform_layout(wpack, ("write", 0), lambda k, c, r, s: (c // cb, k // kb, r, s, k % kb, c % cb))
+
+    n, c, y, t, u, rk, ri, rj = sch.get_loops(dgrad)
+    co, ci = sch.split(c, [None, cb])
+    uo, ui = sch.split(u, [None, ub])
+    rko, rki = sch.split(rk, [None, kb])
+    if kn.row_tasks > 1:
+        yo, y = sch.split(y, [kn.row_tasks, None])
+        outer = [n, yo, co] if kn.per_image else [n, co, yo]
+    else:
+        outer = [n, co]
+    sch.reorder(*outer, y, t, uo, rko, ri, rj, rki, ui, ci)
+    if kn.per_image:
+        task = sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0]
+        planes = co
+    else:
+        task = sch.fuse(*outer)
+        planes = task
+    sch.parallel(task)
+    # one input row (all phases) of the tile's channels, channels innermost, in a local buffer;
+    # the register tile accumulates in its own local buffer and is copied in when done
+    sch.set_scope(dgrad, 0, "local")
+    sch.transform_layout(dgrad, ("write", 0), lambda n_, c_, h_, t_, u_: (n_, c_ // cb, h_, t_, u_, c_ % cb))
+    acc = sch.cache_write(dgrad, 0, "local")
+    sch.reverse_compute_at(acc, uo)
+    cv, cl = sch.split(ci, [None, vl])
+    if vl > 1:
+        sch.vectorize(cl)
+        sch.vectorize(sch.get_loops(acc)[-1])
+    sch.unroll(cv)
+    sch.unroll(ui)
+    sch.decompose_reduction(dgrad, rko)
+    # the row written out in NCHW (transposed), through the BatchNorm epilogue when there is one
+    if epilogue:
+        sch.compute_inline(B["da"])
+        out = B["dz"]
+    else:
+        out = B["da"]
+    sch.reverse_compute_at(out, y)
+    _vectorize_inner(sch, out, lanes)
+
+    # gradient packing: per task (image) or once per call
+    if kn.per_image:
+        sch.compute_at(gpad, task, preserve_unit_loops=True)
+        gk, gy, gx = cm.loops_under(sch, gpad, task)[-3:]
+        gko, gki = sch.split(gk, [None, kb])
+        sch.reorder(gko, gy, gx, gki)
+    else:
+        gn, gk, gy, gx = sch.get_loops(gpad)
+        gko, gki = sch.split(gk, [None, kb])
+        sch.reorder(gn, gko, gy, gx, gki)
+        sch.parallel(sch.fuse(gn, gko, gy))
+    sch.parallel(sch.get_loops(wpack)[0])
+    if epilogue:
+        at = planes if kn.row_tasks == 1 else None
+        cm.plane_reductions(sch, [(name, B[name]) for name in ("tile_dbeta", "tile_dgamma")], lanes, at)
+    return sch
+
+
 class DgradTemplate:
     """Data-gradient convolution with optional grad prologue and BatchNorm epilogue.
 
-    Tile: one input row (n, h) of `ci` channels x `ui` columns of one stride phase, `ui`
-    vectorized, reduced over (k, taps) with the tile in registers. Parallel over (n, h) rows. The gradient rows a row
-    needs (grad prologue applied, zero-bordered) are formed once per row task. The epilogue's
-    ReLU mask is applied while the tile is in registers and dz is written once; the row's
-    contributions to the per-plane partials are added up by the same task while the row is
-    still in cache (``_row_partials``).
+    The forward template's design (``conv``) with C and K swapped, per stride phase:
+
+    - the gradient, with the grad prologue c1*dz + c2*x + c3 applied and the zero border the
+      phase-wise taps read (stage ``grad_pad``), is packed to ``[n, k // k_block, y, x,
+      k % k_block]``: per image inside an image task (in cache), or up front;
+    - the weights (``weight_pad``: zero taps up to whole taps per phase, or a ``cache_read``
+      of ``w``) to ``[c // ic_block, k // k_block, r, s, k % k_block, c % ic_block]``;
+    - register tile: ``ow_block`` columns of one phase x ``ic_block`` input channels (vectors),
+      reduced over K and the phase's taps with broadcast gradient scalars;
+    - the tile goes into a row buffer (channels innermost); per input row, the row is written
+      out in NCHW, through the epilogue dz = da*[x_raw*scale + shift > 0] when there is one;
+    - the epilogue's per-plane partials (``tile_dbeta``, ``tile_dgamma``) of a channel block
+      are summed in-task right after its planes were written (vectorized partial sums).
+
+    Knobs: ``DgradKnobs``; defaults by ``default_dgrad_knobs``, alternatives by
+    ``dgrad_knob_candidates``. Deterministic: every sum in a fixed order inside one task.
     """
 
     @staticmethod
-    def apply(func, family: str):
-        h = _helpers()
+    def apply(func, family: str, knobs: DgradKnobs | None = None):
         sch = Schedule(func)
-        blocks = h._blocks(sch)
-        if "dgrad" not in blocks:
+        if "dgrad" not in cm.blocks(sch):
             return None
-        dgrad = blocks["dgrad"]
-        lanes = vector_lanes(family, _dtype(sch, dgrad))
-        epilogue = "dz" in blocks
+        return schedule_dgrad(sch, family, knobs)
 
-        n, c, y, t, u, rk, ri, rj = sch.get_loops(dgrad)
-        ext_c, ext_y, ext_u = h._extents(sch, [c, y, u])
-        co, ci = sch.split(c, [None, h._largest_divisor(ext_c, 8)])
-        yo, yi = sch.split(y, [None, h._largest_divisor(ext_y, ROWS_PER_TASK)])
-        uo, ui = sch.split(u, [None, h._largest_divisor(ext_u, lanes)])
-        sch.reorder(n, yo, yi, co, t, uo, rk, ri, rj, ci, ui)
-        row = sch.fuse(n, yo)
-        sch.parallel(row)
-        # da never leaves the task: the tile of `ci` channels x one row is accumulated in a
-        # local buffer (one vector of a phase's columns at a time, in registers), then written
-        # out in NCHW, through the dz epilogue when there is one.
-        sch.set_scope(dgrad, 0, "local")
-        if epilogue:
-            sch.compute_inline(blocks["da"])
-            out = blocks["dz"]
-        else:
-            out = blocks["da"]
-        sch.reverse_compute_at(out, co)
-        _vectorize_inner(sch, out, lanes)
-        sch.vectorize(ui)
-        sch.unroll(ci)
-        sch.decompose_reduction(dgrad, rk)
 
-        if "weight_pad" in blocks:
-            _schedule_spatial_root(sch, blocks["weight_pad"], lanes)
-        gpad = blocks["grad_pad"]
-        if _is_identity(sch, gpad):
-            sch.compute_inline(gpad)
-            if "grad" in blocks:
-                sch.compute_at(blocks["grad"], row)
-                _vectorize_inner(sch, blocks["grad"], lanes)
+@dataclass(frozen=True)
+class WgradKnobs:
+    """Knobs of the weight-gradient template (see ``WgradTemplate``).
+
+    vector_axis: "k" (output channels are the vector lanes; the gradient is packed k-innermost
+        and the activation broadcast) or "c" (input channels are the lanes; the activation is
+        packed c-innermost and the gradient broadcast).
+    k_block: output channels per tile (for "k": lanes x vectors; for "c": broadcast rows).
+    c_block: input channels per tile (for "k": broadcast columns, times the S taps; for "c":
+        lanes x vectors).
+    c_task: input channels per parallel task (a multiple of c_block dividing C); the tasks
+        are (k_block, c_task) blocks of dw, each reduced over (n, p, q) in a fixed order.
+    """
+
+    vector_axis: str
+    k_block: int
+    c_block: int
+    c_task: int
+
+
+@dataclass(frozen=True)
+class WgradShape:
+    k: int
+    c: int
+    r: int
+    s: int
+    n: int
+    p: int
+    q: int
+    h_pad: int
+    w_pad: int
+    lanes: int
+
+
+def wgrad_shape(sch: Schedule, family: str) -> WgradShape:
+    B = cm.blocks(sch)
+    wgrad = B["wgrad"]
+    k, c, r, s, n, p, q = cm.extents(sch, sch.get_loops(wgrad))
+    hp, wp = (int(d) for d in sch.get(B["pad"]).writes[0].source.shape[2:])
+    return WgradShape(k, c, r, s, n, p, q, hp, wp, vector_lanes(family, cm.dtype_of(sch, wgrad)))
+
+
+def default_wgrad_knobs(shape: WgradShape, cores: int | None = None) -> WgradKnobs:
+    """Vector lanes over output channels when the input channels do not fill vectors (the
+    3-channel stem) or for 1x1 layers that reduce channels; over input channels otherwise. Tiles of ~24 accumulators; tasks over (k block, c block) of dw, enough for the
+    cores, with as few c blocks as possible (each re-reads the gradient)."""
+    from .conv import ACCUMULATOR_REGISTERS as acc
+
+    lanes = shape.lanes
+    cores = cores or host_cores()
+    if shape.c % lanes and not shape.k % lanes:
+        axis = "k"
+    elif shape.k % lanes and not shape.c % lanes:
+        axis = "c"
+    else:
+        # measured (AVX-512, fp32): "c" wins for 3x3 layers at every plane size and stride;
+        # "k" for 1x1 layers that reduce channels (C > K: the gradient is the smaller tensor)
+        axis = "k" if (shape.r, shape.s) == (1, 1) and shape.c > shape.k else "c"
+    if axis == "k":
+        kb = next((b for b in (2 * lanes, lanes) if shape.k % b == 0), cm.largest_divisor(shape.k, 2 * lanes))
+        vec = max(1, kb // cm.largest_divisor(kb, lanes))
+        cb = cm.largest_divisor(shape.c, max(1, (acc - 4) // (vec * shape.s)))
+        k_tasks = shape.k // kb
+    else:
+        cb = next((b for b in (2 * lanes, lanes) if shape.c % b == 0), cm.largest_divisor(shape.c, 2 * lanes))
+        kb = cm.largest_divisor(shape.k, 8)
+        k_tasks = shape.k // kb
+    c_task = shape.c
+    while k_tasks * (shape.c // c_task) < 4 * cores and c_task % (2 * cb) == 0:
+        c_task //= 2
+    return WgradKnobs(axis, kb, cb, c_task)
+
+
+def wgrad_knob_candidates(shape: WgradShape) -> list[WgradKnobs]:
+    """Valid knob settings around the default, for a tuner to measure (default first)."""
+    base = default_wgrad_knobs(shape)
+    out = [base]
+    lanes = shape.lanes
+    for axis in ("k", "c"):
+        vec_ext, other = (shape.k, shape.c) if axis == "k" else (shape.c, shape.k)
+        vbs = [d for d in (lanes, 2 * lanes) if vec_ext % d == 0] or [cm.largest_divisor(vec_ext, lanes)]
+        for vb in vbs:
+            for ob in sorted({d for d in (1, 2, 3, 4, 6, 8) if other % d == 0}):
+                kb, cb = (vb, ob) if axis == "k" else (ob, vb)
+                kn = WgradKnobs(axis, kb, cb, shape.c)
+                while (shape.k // kb) * (shape.c // kn.c_task) < 8 and kn.c_task % (2 * cb) == 0:
+                    kn = replace(kn, c_task=kn.c_task // 2)
+                if kn not in out:
+                    out.append(kn)
+    return out
+
+
+def schedule_wgrad(sch: Schedule, family: str, knobs: WgradKnobs | None = None) -> Schedule:
+    shape = wgrad_shape(sch, family)
+    kn = knobs or default_wgrad_knobs(shape)
+    B = cm.blocks(sch)
+    wgrad = B["wgrad"]
+    kb, cb, ctask = kn.k_block, kn.c_block, kn.c_task
+    for what, size, block in (("k_block", shape.k, kb), ("c_block", shape.c, cb), ("c_task", shape.c, ctask),
+                              ("c_task / c_block", ctask, cb)):
+        if size % block:
+            raise ValueError(f"{what}={block} does not divide {size}")
+    lanes = shape.lanes
+    pad = B["pad"]
+    if "act" in B:
+        sch.compute_inline(B["act"])
+
+    k, c, r, s, rn, rp, rq = sch.get_loops(wgrad)
+    ko, ki = sch.split(k, [None, kb])
+    c_task, c_tile, c_in = sch.split(c, [None, ctask // cb, cb])
+    if kn.vector_axis == "k":
+        # tile: (c_block channels x S taps) columns x k_block lanes; per (n, p, c tile, r) the
+        # tile stays in registers over q
+        sch.reorder(ko, c_task, rn, rp, c_tile, r, rq, c_in, s, ki)
+        vec = ki
+        unrolled = [c_in, s]
+        layout = lambda k_, c_, r_, s_: (k_ // kb, c_, r_, s_, k_ % kb)  # noqa: E731
+    else:
+        # tile: k_block rows x c_block lanes, per (n, p, c tile, r, s), over q
+        sch.reorder(ko, c_task, rn, rp, c_tile, r, s, rq, ki, c_in)
+        vec = c_in
+        unrolled = [ki]
+        layout = lambda k_, c_, r_, s_: (c_ // cb, k_, r_, s_, c_ % cb)  # noqa: E731
+    task = sch.fuse(ko, c_task)
+    sch.parallel(task)
+    acc = sch.cache_write(wgrad, 0, "local")
+    sch.transform_layout(wgrad, ("write", 0), layout)
+    sch.reverse_compute_at(acc, task)
+    vl = cm.largest_divisor(int(sch.get(vec).extent), lanes)
+    vo, vi = sch.split(vec, [None, vl])
+    if vl > 1:
+        sch.vectorize(vi)
+    for loop in [*unrolled, vo]:
+        sch.unroll(loop)
+    sch.decompose_reduction(wgrad, rn)
+    _vectorize_inner(sch, acc, lanes)
+
+    if kn.vector_axis == "k":
+        # gradient (grad prologue applied) -> [n, k//kb, p, q, k%kb], once per call
+        if "grad" in B:
+            gblk = B["grad"]
         else:
-            sch.compute_at(gpad, row)
-            if "grad" in blocks:
-                # the prologue over the task's gradient rows, vectorized, before the zero border
-                # is added around them
-                sch.compute_at(blocks["grad"], row)
-                _vectorize_inner(sch, blocks["grad"], lanes)
-        if epilogue:
-            for name in ("tile_dbeta", "tile_dgamma"):
-                _row_partials(sch, blocks[name], row, lanes)
-        return sch
+            gblk = sch.cache_read(wgrad, cm.read_index(sch, wgrad, "grad"), "global")
+        sch.transform_layout(gblk, ("write", 0), lambda n_, k_, p_, q_: (n_, k_ // kb, p_, q_, k_ % kb))
+        gn, gk, gp, gq = sch.get_loops(gblk)
+        gko, gki = sch.split(gk, [None, kb])
+        sch.reorder(gn, gko, gp, gq, gki)
+        sch.parallel(sch.fuse(gn, gko, gp))
+        # activation (prologue, zero padding) in NCHW, read as broadcast scalars
+        _schedule_spatial_root(sch, pad, lanes)
+    else:
+        # activation -> [n, c//cb, y, x, c%cb]; the gradient is read as broadcast scalars
+        sch.transform_layout(pad, ("write", 0), lambda n_, c_, y_, x_: (n_, c_ // cb, y_, x_, c_ % cb))
+        pn, pc, py, px = sch.get_loops(pad)
+        pco, pci = sch.split(pc, [None, cb])
+        sch.reorder(pn, pco, py, px, pci)
+        sch.parallel(sch.fuse(pn, pco, py))
+        if "grad" in B:
+            _schedule_spatial_root(sch, B["grad"], lanes)
+    return sch
 
 
 class WgradTemplate:
     """Weight-gradient convolution with optional grad prologue and activation prologue.
 
-    A GEMM over the long (n, p, q) reduction into the small dw. Each task owns a block of dw,
-    `kb` output x `cb*lanes` input channels at all taps, accumulated in a local tile laid out
-    (k, r, s, c) so input channels are the vector lanes; parallel over those blocks, and each
-    output is reduced in a fixed order (n, p, q) inside its task: deterministic, no atomics.
-    Per gradient row (n, p) and tap (r, s) the tile's vectors stay in registers over q,
-    fed by a scalar of the gradient times a vector of the activation.
+    A GEMM over the long (n, p, q) reduction into the small dw, register-tiled with one
+    channel axis as vector lanes (``WgradKnobs.vector_axis``):
 
-    The activation is formed once, in parallel, into a kernel-local workspace with channels
-    innermost (prologue relu(x*scale + shift) and the zero padding applied while writing it),
-    and the grad prologue c1*dz + c2*x + c3, when present, likewise: every element is used
-    C*R*S/(cb*lanes) (K*R*S/kb) times, too often to recompute per use.
+    - "k": the gradient (grad prologue applied) is packed once to ``[n, k // k_block, p, q,
+      k % k_block]``; tile = ``k_block`` lanes x (``c_block`` channels x S taps) columns, fed by
+      gradient vectors and broadcast activation scalars (the activation, with its prologue
+      and zero padding, formed once in NCHW). Any C, e.g. the 3-channel stem.
+    - "c": the activation (prologue, padding) is packed once to ``[n, c // c_block, y, x,
+      c % c_block]``; tile = ``k_block`` rows x ``c_block`` lanes per tap, fed by broadcast
+      gradient scalars (the grad prologue formed once in NCHW).
+
+    Per gradient row (n, p) and tile the accumulators stay in registers over q. Each task
+    owns a (k_block, c_task) block of dw at all taps and reduces every output in a fixed
+    (n, p, q) order: deterministic, no atomics.
+
+    Knobs: ``WgradKnobs``; defaults by ``default_wgrad_knobs``, alternatives by
+    ``wgrad_knob_candidates``.
     """
 
     @staticmethod
-    def apply(func, family: str):
-        h = _helpers()
+    def apply(func, family: str, knobs: WgradKnobs | None = None):
         sch = Schedule(func)
-        blocks = h._blocks(sch)
-        if "wgrad" not in blocks:
+        if "wgrad" not in cm.blocks(sch):
             return None
-        wgrad = blocks["wgrad"]
-        lanes = vector_lanes(family, _dtype(sch, wgrad))
-
-        k, c, r, s, rn, rp, rq = sch.get_loops(wgrad)
-        ext_k, ext_c = h._extents(sch, [k, c])
-        ci_ext = h._largest_divisor(ext_c, lanes)
-        ko, ki = sch.split(k, [None, h._largest_divisor(ext_k, 8)])
-        co, cb, ci = sch.split(c, [None, h._largest_divisor(ext_c // ci_ext, 2), ci_ext])
-        sch.reorder(ko, co, rn, rp, r, s, rq, ki, cb, ci)
-        task = sch.fuse(ko, co)
-        sch.parallel(task)
-        acc = sch.cache_write(wgrad, 0, "local")
-        sch.transform_layout(wgrad, ("write", 0), lambda k_, c_, r_, s_: (k_, r_, s_, c_))
-        sch.reverse_compute_at(acc, task)
-        sch.vectorize(ci)
-        sch.unroll(cb)
-        sch.unroll(ki)
-        sch.decompose_reduction(wgrad, rn)
-
-        pad = blocks["pad"]
-        if "act" in blocks:
-            sch.compute_inline(blocks["act"])
-        sch.transform_layout(pad, ("write", 0), lambda n_, c_, y_, x_: (n_, y_, x_, c_))
-        pn, pc, py, px = sch.get_loops(pad)
-        sch.reorder(pn, py, px, pc)
-        sch.parallel(sch.fuse(pn, py))
-        if "grad" in blocks:
-            _schedule_spatial_root(sch, blocks["grad"], lanes)
-        return sch
+        return schedule_wgrad(sch, family, knobs)
 
 
 class GradStatsTemplate:
@@ -223,15 +443,14 @@ class GradStatsTemplate:
 
     @staticmethod
     def apply(func, family: str):
-        h = _helpers()
         sch = Schedule(func)
-        blocks = h._blocks(sch)
+        blocks = cm.blocks(sch)
         if set(blocks) != {"dz", "tile_dbeta", "tile_dgamma"}:
             return None
         dz = blocks["dz"]
         lanes = vector_lanes(family, _dtype(sch, dz))
         n, c, y, x = sch.get_loops(dz)
-        xo, xi = sch.split(x, [None, h._largest_divisor(h._extents(sch, [x])[0], lanes)])
+        xo, xi = sch.split(x, [None, cm.largest_divisor(cm.extents(sch, [x])[0], lanes)])
         sch.reorder(n, y, c, xo, xi)
         row = sch.fuse(n, y)
         sch.parallel(row)

@@ -35,6 +35,16 @@ def read_index(sch: Schedule, block, buffer_name: str) -> int:
     raise KeyError(f"block {sch.get(block).name_hint} does not read {buffer_name}")
 
 
+def loops_under(sch: Schedule, block, loop) -> list:
+    """The loops of `block` nested inside `loop` (which must enclose it)."""
+    loops = sch.get_loops(block)
+    target = sch.get(loop)
+    for i, candidate in enumerate(loops):
+        if sch.get(candidate).same_as(target):
+            return list(loops[i + 1:])
+    raise ValueError("loop does not enclose block")
+
+
 def is_spatial(sch: Schedule, block) -> bool:
     return all(iv.iter_type == IterVar.DataPar for iv in sch.get(block).iter_vars)
 
@@ -107,13 +117,14 @@ def plane_reductions(sch: Schedule, names, lanes: int, at=None) -> None:
         rf = sch.rfactor(li, factor_axis=2)
         iter_order(sch, rf, [("write", 0), ("write", 1), None, ("write", 2)])
         if at is not None:
-            sch.reverse_compute_at(rf, at)
-            sch.reverse_compute_at(block, at)
+            sch.reverse_compute_at(rf, at, preserve_unit_loops=True)
+            sch.reverse_compute_at(block, at, preserve_unit_loops=True)
         else:
             sch.parallel(sch.fuse(*sch.get_loops(rf)[:2]))
             sch.parallel(sch.fuse(*sch.get_loops(block)[:2]))
-        loops = sch.get_loops(rf)
-        outer, inner = loops[-2], loops[-1]  # (channel, outer reduction, lane)
+        # rf loops: [n, c] (fused, or under `at`), the reduction loops, the lane loop
+        loops = loops_under(sch, rf, at) if at is not None else sch.get_loops(rf)
+        first_reduction = loops[2] if at is not None else loops[1]
         if lane > 1:
-            sch.vectorize(inner)
-        sch.decompose_reduction(rf, outer)
+            sch.vectorize(loops[-1])
+        sch.decompose_reduction(rf, first_reduction)

@@ -4,9 +4,11 @@ blocked layout, inside a kernel whose arguments stay NCHW / KCRS.
 What the schedule builds, per kernel call:
 
 1. **pack the input** (stage ``pad``, with ``act`` inlined into it): the activated, zero-padded
-   input is written once into a kernel-local workspace in the blocked layout
-   ``[n, c // ic_block, y, x, c % ic_block]``; the BatchNorm prologue runs here, once per
-   element. Parallel over (n, channel block, row).
+   input is written into a workspace in the blocked layout ``[n, c // ic_block, y, x,
+   c % ic_block]``; the BatchNorm prologue runs here, once per element. With per-image tasks
+   (the default when there are enough images for the cores) each task packs its own image
+   into a task-local workspace that stays in cache while every output-channel block is
+   computed from it; otherwise the whole input is packed up front, in parallel.
 2. **pack the weights** (a ``cache_read`` of ``w``) into ``[k // oc_block, c // ic_block, r, s,
    c % ic_block, k % oc_block]``: a tap's weights for one input channel are one contiguous run
    of ``oc_block`` output channels, i.e. ``oc_block / lanes`` vectors.
@@ -17,18 +19,25 @@ What the schedule builds, per kernel call:
    planes (7x7 and less) and strided convolutions vectorize as well as large ones.
 4. **write back**: the tile is transposed into the NCHW output (vectorized along the tile's
    columns), right after its reduction.
-5. **statistics epilogue** (``tile_sum``, ``tile_m2``): when a parallel task owns whole
-   output planes (the default: task = (n, output-channel block)), the per-plane sums run in
-   that task right after it wrote the planes, while they are in its cache, vectorized as
-   ``lanes`` interleaved partial sums (``common.plane_reductions``); otherwise as separate
-   parallel passes.
+5. **statistics epilogue** (``tile_sum``, ``tile_m2``): when a task owns whole output planes
+   (per-image tasks, or (n, oc block) tasks without a row split), the per-plane sums of an
+   output-channel block run right after its planes were written, while they are in cache,
+   vectorized as ``lanes`` interleaved partial sums (``common.plane_reductions``); otherwise
+   as separate parallel passes.
 
-Knobs (``ConvKnobs``), all chosen by ``default_knobs`` from the shape, all tunable
-(``knob_candidates`` lists valid alternatives): ``oc_block`` (output channels per tile, a
-divisor of K, normally 16 or 32 = 1 or 2 vectors), ``ow_block`` (output columns per tile,
-a divisor of Q), ``ic_block`` (input channels per packed block, a divisor of C: the inner
-reduction loop's length), ``row_tasks`` (output-row blocks per (n, oc block) in the parallel
-loop; 1 keeps the statistics in-task), ``unroll_taps`` (unroll the kernel-tap loops).
+Knobs (``ConvKnobs``), chosen by ``default_knobs`` from the shape, all tunable
+(``knob_candidates`` lists valid alternatives, default first):
+
+- ``oc_block``: output channels per tile, a divisor of K; 2 vectors (32 fp32) when K allows.
+- ``ow_block``: output columns per tile, a divisor of Q; ``oc_block/lanes * ow_block`` <= 28
+  accumulator registers.
+- ``ic_block``: input channels per packed block, a divisor of C (default up to 8: the pack is
+  a transposition, cheap for a few channels; the micro-kernel broadcasts either way).
+- ``per_image``: tasks are images (input packed in-task) or (image, oc block) pairs.
+- ``row_tasks``: output-row blocks per task in the parallel loop (for small batches);
+  > 1 moves the statistics to separate passes.
+- ``unroll_taps``: unroll the kernel-width tap loop.
+
 Every split is by a divisor, so no tile has a tail and any shape is correct.
 """
 from __future__ import annotations
@@ -38,7 +47,7 @@ from dataclasses import asdict, dataclass, replace
 
 from tvm.s_tir import Schedule
 
-from tvm_rbn.build.target import vector_lanes
+from tvm_rbn.build.target import host_cores, vector_lanes
 
 from . import common as cm
 
@@ -47,6 +56,12 @@ from . import common as cm
 ACCUMULATOR_REGISTERS = 28
 # fewer (n, oc block) tasks than this and output-row blocks join the parallel loop
 MIN_TASKS = 16
+# per-image tasks when there are at least this many images per core
+MIN_IMAGES_PER_CORE = 2
+# input channels per packed block: the packing is a transposition (NCHW -> [c//ib, y, x, ib]),
+# cheap for a few channels (8 read streams), costly for 16 or more; the micro-kernel does not
+# care (it broadcasts input scalars), except for 1 (tiny innermost reduction loop)
+IC_BLOCK = 8
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,7 @@ class ConvKnobs:
     oc_block: int
     ow_block: int
     ic_block: int
+    per_image: bool = True
     row_tasks: int = 1
     unroll_taps: bool = False
 
@@ -96,24 +112,35 @@ def _vectors(ob: int, lanes: int) -> int:
     return max(1, ob // cm.largest_divisor(ob, lanes))
 
 
-def default_knobs(shape: ConvShape) -> ConvKnobs:
+def tile_channels(channels: int, columns: int, lanes: int) -> tuple[int, int]:
+    """(channels, columns) of a register tile whose channels are the vector lanes: the widest
+    tile of whole vectors (2, else 1) and as many columns (a divisor of `columns`) as the
+    accumulator registers allow; one vector and more columns when `columns` has no divisor
+    near the budget for two."""
+    ob = _oc_block(channels, lanes)
+    ow = _ow_block(columns, _vectors(ob, lanes))
+    if ow * 2 < ACCUMULATOR_REGISTERS // _vectors(ob, lanes) and ob > lanes and channels % lanes == 0:
+        ow1 = _ow_block(columns, 1)
+        if ow1 > ow:
+            ob, ow = lanes, ow1
+    return ob, ow
+
+
+def default_knobs(shape: ConvShape, cores: int | None = None) -> ConvKnobs:
     """Rules: the widest output-channel tile of whole vectors (2, else 1), as many output
     columns as the accumulator registers allow (a divisor of Q), input channels in blocks of
-    up to 64, and (n, oc block) tasks unless there are too few of them."""
-    ob = _oc_block(shape.k, shape.lanes)
-    ow = _ow_block(shape.q, _vectors(ob, shape.lanes))
-    if ow * 2 < ACCUMULATOR_REGISTERS // _vectors(ob, shape.lanes) and ob > shape.lanes and shape.k % shape.lanes == 0:
-        # a narrow tile (Q has no divisor near the register budget): try one vector of
-        # channels and twice the columns
-        ow1 = _ow_block(shape.q, 1)
-        if ow1 > ow:
-            ob, ow = shape.lanes, ow1
-    ic = cm.largest_divisor(shape.c, 64)
+    up to IC_BLOCK; per-image tasks (input packed in-task, in cache) when there are enough
+    images for the cores, else (n, oc block) tasks, split by output rows if still too few."""
+    ob, ow = tile_channels(shape.k, shape.q, shape.lanes)
+    ic = cm.largest_divisor(shape.c, IC_BLOCK)
+    cores = cores or host_cores()
+    if shape.n >= MIN_IMAGES_PER_CORE * cores:
+        return ConvKnobs(ob, ow, ic, per_image=True)
     tasks = shape.n * (shape.k // ob)
     rows = 1
     if tasks < MIN_TASKS:
         rows = cm.largest_divisor(shape.p, -(-MIN_TASKS // tasks))
-    return ConvKnobs(ob, ow, ic, rows, unroll_taps=False)
+    return ConvKnobs(ob, ow, ic, per_image=False, row_tasks=rows)
 
 
 def knob_candidates(shape: ConvShape) -> list[ConvKnobs]:
@@ -124,9 +151,9 @@ def knob_candidates(shape: ConvShape) -> list[ConvKnobs]:
     for ob in obs:
         vec = _vectors(ob, shape.lanes)
         ows = sorted({d for d in range(1, shape.q + 1) if shape.q % d == 0 and d * vec <= ACCUMULATOR_REGISTERS})[-3:]
-        ics = sorted({d for d in (8, 16, 32, 64, shape.c) if shape.c % d == 0})
-        for ow, ic, unroll in itertools.product(ows, ics, (False, True)):
-            kn = replace(base, oc_block=ob, ow_block=ow, ic_block=ic, unroll_taps=unroll)
+        ics = sorted({d for d in (2, 4, 8, 16, shape.c) if shape.c % d == 0} | {base.ic_block})
+        for ow, ic, per_image, unroll in itertools.product(ows, ics, (True, False), (False, True)):
+            kn = replace(base, oc_block=ob, ow_block=ow, ic_block=ic, per_image=per_image, unroll_taps=unroll)
             if kn not in out:
                 out.append(kn)
     return out
@@ -139,7 +166,8 @@ def schedule_conv(sch: Schedule, family: str, knobs: ConvKnobs | None = None) ->
     B = cm.blocks(sch)
     conv = B["conv"]
     ob, ow, ib = kn.oc_block, kn.ow_block, kn.ic_block
-    for what, size, block in (("oc_block", shape.k, ob), ("ow_block", shape.q, ow), ("ic_block", shape.c, ib)):
+    for what, size, block in (("oc_block", shape.k, ob), ("ow_block", shape.q, ow), ("ic_block", shape.c, ib),
+                              ("row_tasks", shape.p, kn.row_tasks)):
         if size % block:
             raise ValueError(f"{what}={block} does not divide {size}")
     vl = cm.largest_divisor(ob, shape.lanes)
@@ -158,12 +186,20 @@ def schedule_conv(sch: Schedule, family: str, knobs: ConvKnobs | None = None) ->
     qo, qi = sch.split(q, [None, ow])
     rco, rci = sch.split(rc, [None, ib])
     if kn.row_tasks > 1:
-        po, pi = sch.split(p, [kn.row_tasks, None])
-        sch.reorder(n, ko, po, pi, qo, rco, rr, rs, rci, qi, ki)
-        task = sch.fuse(n, ko, po)
+        po, p = sch.split(p, [kn.row_tasks, None])
+        outer = [n, po, ko] if kn.per_image else [n, ko, po]
     else:
-        sch.reorder(n, ko, p, qo, rco, rr, rs, rci, qi, ki)
-        task = sch.fuse(n, ko)
+        outer = [n, ko] if kn.per_image else [n, ko]
+    sch.reorder(*outer, p, qo, rco, rr, rs, rci, qi, ki)
+    if kn.per_image:
+        # task: one image (or row block of one), its input packed inside the task, every
+        # output-channel block computed from that packed copy while it is in cache
+        task = sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0]
+        planes = ko
+    else:
+        # task: (image, output-channel block) [, row block]; the input is packed up front
+        task = sch.fuse(*outer)
+        planes = task
     sch.parallel(task)
     # the register tile: a local [.., q, k%ob] buffer (channels innermost, one vector each)
     acc = sch.cache_write(conv, 0, "local")
@@ -180,15 +216,21 @@ def schedule_conv(sch: Schedule, family: str, knobs: ConvKnobs | None = None) ->
         sch.unroll(rs)
     sch.decompose_reduction(conv, rco)
 
-    # packing stages: once per call, parallel
-    pn, pc, py, px = sch.get_loops(pad)
-    pco, pci = sch.split(pc, [None, ib])
-    sch.reorder(pn, pco, py, px, pci)
-    sch.parallel(sch.fuse(pn, pco, py))
+    # input packing: per task (into a task-local workspace) or once per call, in parallel
+    if kn.per_image:
+        sch.compute_at(pad, task, preserve_unit_loops=True)
+        pc, py, px = cm.loops_under(sch, pad, task)[-3:]
+        pco, pci = sch.split(pc, [None, ib])
+        sch.reorder(pco, py, px, pci)
+    else:
+        pn, pc, py, px = sch.get_loops(pad)
+        pco, pci = sch.split(pc, [None, ib])
+        sch.reorder(pn, pco, py, px, pci)
+        sch.parallel(sch.fuse(pn, pco, py))
     sch.parallel(sch.get_loops(wpack)[0])
 
     if "tile_sum" in B:
-        at = task if kn.row_tasks == 1 else None
+        at = planes if kn.row_tasks == 1 else None
         cm.plane_reductions(sch, [("tile_sum", B["tile_sum"]), ("tile_m2", B["tile_m2"])], shape.lanes, at)
     return sch
 
