@@ -19,8 +19,10 @@ from tvm_rbn.build.target import host_cores, vector_lanes
 from . import common as cm
 
 
-# output channels per block of the packed gradient (dgrad's innermost reduction loop)
-K_BLOCK = 16
+# output channels per block of the packed gradient (dgrad's innermost reduction loop): long
+# when every packed element feeds many FMAs (C*R*S >= PACK_INTENSITY), short otherwise (the
+# packing transposition is cheaper); as conv.ic_block_cap, measured on AVX-512
+K_BLOCK_SHORT, K_BLOCK_LONG, PACK_INTENSITY = 8, 64, 256
 
 
 def _dtype(sch: Schedule, block) -> str:
@@ -94,12 +96,13 @@ class DgradShape:
     u: int
     k: int
     lanes: int
+    taps: int = 1  # R*S of the forward conv
 
 
 def dgrad_shape(sch: Schedule, family: str) -> DgradShape:
     dgrad = cm.blocks(sch)["dgrad"]
-    n, c, h, t, u, k = cm.extents(sch, sch.get_loops(dgrad)[:6])
-    return DgradShape(n, c, h, t, u, k, vector_lanes(family, cm.dtype_of(sch, dgrad)))
+    n, c, h, t, u, k, ri, rj = cm.extents(sch, sch.get_loops(dgrad))
+    return DgradShape(n, c, h, t, u, k, vector_lanes(family, cm.dtype_of(sch, dgrad)), ri * rj * t * t)
 
 
 def default_dgrad_knobs(shape: DgradShape, cores: int | None = None) -> DgradKnobs:
@@ -107,7 +110,7 @@ def default_dgrad_knobs(shape: DgradShape, cores: int | None = None) -> DgradKno
     from .conv import MIN_IMAGES_PER_CORE, MIN_TASKS, tile_channels
 
     cb, ub = tile_channels(shape.c, shape.u, shape.lanes)
-    kb = cm.largest_divisor(shape.k, K_BLOCK)
+    kb = cm.largest_divisor(shape.k, K_BLOCK_LONG if shape.c * shape.taps >= PACK_INTENSITY else K_BLOCK_SHORT)
     cores = cores or host_cores()
     if shape.n >= MIN_IMAGES_PER_CORE * cores:
         return DgradKnobs(cb, ub, kb, per_image=True)
@@ -125,7 +128,7 @@ def dgrad_knob_candidates(shape: DgradShape) -> list[DgradKnobs]:
     for cb in sorted({d for d in (shape.lanes, 2 * shape.lanes) if shape.c % d == 0} | {base.ic_block}):
         vec = max(1, cb // cm.largest_divisor(cb, shape.lanes))
         ubs = sorted(d for d in range(1, shape.u + 1) if shape.u % d == 0 and d * vec <= ACCUMULATOR_REGISTERS)[-3:]
-        kbs = sorted({d for d in (4, 8, 16, 32) if shape.k % d == 0} | {base.k_block})
+        kbs = sorted({d for d in (8, 16, 32, 64) if shape.k % d == 0} | {base.k_block})
         for ub, kb, per_image in itertools.product(ubs, kbs, (True, False)):
             kn = replace(base, ic_block=cb, ow_block=ub, k_block=kb, per_image=per_image)
             if kn not in out:
@@ -257,12 +260,16 @@ class WgradKnobs:
         lanes x vectors).
     c_task: input channels per parallel task (a multiple of c_block dividing C); the tasks
         are (k_block, c_task) blocks of dw, each reduced over (n, p, q) in a fixed order.
+    image_major: the reduction runs image by image, each c tile over all the image's rows
+        (the broadcast operand's channel planes are read as a few sequential streams, the
+        vector operand's packed image stays in cache); else row by row, all c tiles per row.
     """
 
     vector_axis: str
     k_block: int
     c_block: int
     c_task: int
+    image_major: bool = True  # reduction order (n, c tile, p, q), else (n, p, c tile, q)
 
 
 @dataclass(frozen=True)
@@ -278,6 +285,13 @@ class WgradShape:
     w_pad: int
     lanes: int
 
+    @property
+    def stride(self) -> tuple[int, int]:
+        """Read off the padded input extent the output rows/columns advance over."""
+        sh = (self.h_pad - self.r) // (self.p - 1) if self.p > 1 else 1
+        sw = (self.w_pad - self.s) // (self.q - 1) if self.q > 1 else 1
+        return max(1, sh), max(1, sw)
+
 
 def wgrad_shape(sch: Schedule, family: str) -> WgradShape:
     B = cm.blocks(sch)
@@ -289,7 +303,8 @@ def wgrad_shape(sch: Schedule, family: str) -> WgradShape:
 
 def default_wgrad_knobs(shape: WgradShape, cores: int | None = None) -> WgradKnobs:
     """Vector lanes over output channels when the input channels do not fill vectors (the
-    3-channel stem) or for 1x1 layers that reduce channels; over input channels otherwise. Tiles of ~24 accumulators; tasks over (k block, c block) of dw, enough for the
+    3-channel stem), for strided layers and for 1x1 layers that reduce channels; over input
+    channels otherwise. Tiles of ~24 accumulators; tasks over (k block, c block) of dw, enough for the
     cores, with as few c blocks as possible (each re-reads the gradient)."""
     from .conv import ACCUMULATOR_REGISTERS as acc
 
@@ -300,9 +315,11 @@ def default_wgrad_knobs(shape: WgradShape, cores: int | None = None) -> WgradKno
     elif shape.k % lanes and not shape.c % lanes:
         axis = "c"
     else:
-        # measured (AVX-512, fp32): "c" wins for 3x3 layers at every plane size and stride;
-        # "k" for 1x1 layers that reduce channels (C > K: the gradient is the smaller tensor)
-        axis = "k" if (shape.r, shape.s) == (1, 1) and shape.c > shape.k else "c"
+        # measured (AVX-512, fp32): "c" wins for stride-1 layers, except 1x1 layers that
+        # reduce channels (C > K: the gradient is the smaller tensor); "k" for strided ones
+        # (their activation is the larger tensor, and "c" would transpose all of it)
+        strided = shape.stride != (1, 1)
+        axis = "k" if strided or ((shape.r, shape.s) == (1, 1) and shape.c > shape.k) else "c"
     if axis == "k":
         kb = next((b for b in (2 * lanes, lanes) if shape.k % b == 0), cm.largest_divisor(shape.k, 2 * lanes))
         vec = max(1, kb // cm.largest_divisor(kb, lanes))
@@ -329,11 +346,14 @@ def wgrad_knob_candidates(shape: WgradShape) -> list[WgradKnobs]:
         for vb in vbs:
             for ob in sorted({d for d in (1, 2, 3, 4, 6, 8) if other % d == 0}):
                 kb, cb = (vb, ob) if axis == "k" else (ob, vb)
-                kn = WgradKnobs(axis, kb, cb, shape.c)
+                kn = WgradKnobs(axis, kb, cb, shape.c, base.image_major)
                 while (shape.k // kb) * (shape.c // kn.c_task) < 8 and kn.c_task % (2 * cb) == 0:
                     kn = replace(kn, c_task=kn.c_task // 2)
                 if kn not in out:
                     out.append(kn)
+    flipped = replace(base, image_major=not base.image_major)
+    if flipped not in out:
+        out.insert(1, flipped)
     return out
 
 
@@ -358,13 +378,21 @@ def schedule_wgrad(sch: Schedule, family: str, knobs: WgradKnobs | None = None) 
     if kn.vector_axis == "k":
         # tile: (c_block channels x S taps) columns x k_block lanes; per (n, p, c tile, r) the
         # tile stays in registers over q
-        sch.reorder(ko, c_task, rn, rp, c_tile, r, rq, c_in, s, ki)
+        if kn.image_major:
+            # per image, one c tile at a time over all its rows: the tile's activation planes
+            # are read as a few sequential streams, the image's packed gradient stays in cache
+            sch.reorder(ko, c_task, rn, c_tile, rp, r, rq, c_in, s, ki)
+        else:
+            sch.reorder(ko, c_task, rn, rp, c_tile, r, rq, c_in, s, ki)
         vec = ki
         unrolled = [c_in, s]
         layout = lambda k_, c_, r_, s_: (k_ // kb, c_, r_, s_, k_ % kb)  # noqa: E731
     else:
         # tile: k_block rows x c_block lanes, per (n, p, c tile, r, s), over q
-        sch.reorder(ko, c_task, rn, rp, c_tile, r, s, rq, ki, c_in)
+        if kn.image_major:
+            sch.reorder(ko, c_task, rn, c_tile, rp, r, s, rq, ki, c_in)
+        else:
+            sch.reorder(ko, c_task, rn, rp, c_tile, r, s, rq, ki, c_in)
         vec = c_in
         unrolled = [ki]
         layout = lambda k_, c_, r_, s_: (c_ // cb, k_, r_, s_, c_ % cb)  # noqa: E731

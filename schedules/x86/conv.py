@@ -59,9 +59,15 @@ MIN_TASKS = 16
 # per-image tasks when there are at least this many images per core
 MIN_IMAGES_PER_CORE = 2
 # input channels per packed block: the packing is a transposition (NCHW -> [c//ib, y, x, ib]),
-# cheap for a few channels (8 read streams), costly for 16 or more; the micro-kernel does not
-# care (it broadcasts input scalars), except for 1 (tiny innermost reduction loop)
-IC_BLOCK = 8
+# cheap for a few channels (8 read streams), costlier for more; the micro-kernel runs its
+# innermost reduction loop over the block, faster when long (fewer loop exits). So: long
+# blocks when each packed element feeds many FMAs (K*R*S/stride^2 >= PACK_INTENSITY), short
+# ones otherwise (measured on AVX-512: 1x1 256->64 at 56x56 wants 8, 3x3 64->64 wants 64).
+IC_BLOCK_SHORT, IC_BLOCK_LONG, PACK_INTENSITY = 8, 64, 512
+
+
+def ic_block_cap(uses_per_element: int) -> int:
+    return IC_BLOCK_LONG if uses_per_element >= PACK_INTENSITY else IC_BLOCK_SHORT
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class ConvShape:
     r: int
     s: int
     lanes: int
+    stride_area: int = 1
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,8 @@ class ConvKnobs:
     per_image: bool = True
     row_tasks: int = 1
     unroll_taps: bool = False
+    ic_chunks: int = 1
+    unroll_ic: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -94,7 +103,12 @@ class ConvKnobs:
 def conv_shape(sch: Schedule, family: str, block_name: str = "conv") -> ConvShape:
     conv = cm.blocks(sch)[block_name]
     n, k, p, q, c, r, s = cm.extents(sch, sch.get_loops(conv))
-    return ConvShape(n, k, p, q, c, r, s, vector_lanes(family, cm.dtype_of(sch, conv)))
+    # the stride, from the input rows each output row advances (read index p*sh + r)
+    pad_rows = int(sch.get(cm.blocks(sch)["pad"]).writes[0].source.shape[2])
+    pad_cols = int(sch.get(cm.blocks(sch)["pad"]).writes[0].source.shape[3])
+    sh = (pad_rows - r) // (p - 1) if p > 1 else 1
+    sw = (pad_cols - s) // (q - 1) if q > 1 else 1
+    return ConvShape(n, k, p, q, c, r, s, vector_lanes(family, cm.dtype_of(sch, conv)), max(1, sh) * max(1, sw))
 
 
 def _oc_block(k: int, lanes: int) -> int:
@@ -132,7 +146,7 @@ def default_knobs(shape: ConvShape, cores: int | None = None) -> ConvKnobs:
     up to IC_BLOCK; per-image tasks (input packed in-task, in cache) when there are enough
     images for the cores, else (n, oc block) tasks, split by output rows if still too few."""
     ob, ow = tile_channels(shape.k, shape.q, shape.lanes)
-    ic = cm.largest_divisor(shape.c, IC_BLOCK)
+    ic = cm.largest_divisor(shape.c, ic_block_cap(shape.k * shape.r * shape.s // shape.stride_area))
     cores = cores or host_cores()
     if shape.n >= MIN_IMAGES_PER_CORE * cores:
         return ConvKnobs(ob, ow, ic, per_image=True)
@@ -167,7 +181,7 @@ def schedule_conv(sch: Schedule, family: str, knobs: ConvKnobs | None = None) ->
     conv = B["conv"]
     ob, ow, ib = kn.oc_block, kn.ow_block, kn.ic_block
     for what, size, block in (("oc_block", shape.k, ob), ("ow_block", shape.q, ow), ("ic_block", shape.c, ib),
-                              ("row_tasks", shape.p, kn.row_tasks)):
+                              ("row_tasks", shape.p, kn.row_tasks), ("ic_chunks", shape.c // ib, kn.ic_chunks)):
         if size % block:
             raise ValueError(f"{what}={block} does not divide {size}")
     vl = cm.largest_divisor(ob, shape.lanes)
@@ -190,7 +204,14 @@ def schedule_conv(sch: Schedule, family: str, knobs: ConvKnobs | None = None) ->
         outer = [n, po, ko] if kn.per_image else [n, ko, po]
     else:
         outer = [n, ko] if kn.per_image else [n, ko]
-    sch.reorder(*outer, p, qo, rco, rr, rs, rci, qi, ki)
+    if kn.ic_chunks > 1:
+        # input-channel chunks outside the spatial loops: a chunk's weights stay in cache for
+        # every tile of the plane; the tiles accumulate in a plane-sized local buffer
+        rcc, rco = sch.split(rco, [kn.ic_chunks, None])
+        sch.reorder(*outer, rcc, p, qo, rco, rr, rs, rci, qi, ki)
+    else:
+        rcc = None
+        sch.reorder(*outer, p, qo, rco, rr, rs, rci, qi, ki)
     if kn.per_image:
         # task: one image (or row block of one), its input packed inside the task, every
         # output-channel block computed from that packed copy while it is in cache
@@ -204,9 +225,13 @@ def schedule_conv(sch: Schedule, family: str, knobs: ConvKnobs | None = None) ->
     # the register tile: a local [.., q, k%ob] buffer (channels innermost, one vector each)
     acc = sch.cache_write(conv, 0, "local")
     sch.transform_layout(conv, ("write", 0), lambda n_, k_, p_, q_: (n_, k_ // ob, p_, q_, k_ % ob))
-    sch.reverse_compute_at(acc, qo)
-    if ow > 1:
-        sch.vectorize(sch.get_loops(acc)[-1])
+    if rcc is None:
+        sch.reverse_compute_at(acc, qo)
+        if ow > 1:
+            sch.vectorize(sch.get_loops(acc)[-1])
+    else:
+        sch.reverse_compute_at(acc, planes if kn.row_tasks == 1 or not kn.per_image else ko)
+        cm.vectorize_inner(sch, acc, shape.lanes)
     kv, kl = sch.split(ki, [None, vl])
     if vl > 1:
         sch.vectorize(kl)
@@ -214,7 +239,9 @@ def schedule_conv(sch: Schedule, family: str, knobs: ConvKnobs | None = None) ->
     sch.unroll(qi)
     if kn.unroll_taps:
         sch.unroll(rs)
-    sch.decompose_reduction(conv, rco)
+    if kn.unroll_ic:
+        sch.unroll(rci)
+    sch.decompose_reduction(conv, rcc if rcc is not None else rco)
 
     # input packing: per task (into a task-local workspace) or once per call, in parallel
     if kn.per_image:
