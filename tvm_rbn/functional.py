@@ -241,6 +241,74 @@ def bn_relu(x, scale, shift, relu=True):
     return y
 
 
+def _channel_pair(scale, shift, c: int, names=("scale", "shift")):
+    scale, shift = check.tensor(scale, names[0], 1), check.tensor(shift, names[1], 1)
+    check.shape(scale, names[0], (c,))
+    check.shape(shift, names[1], (c,))
+    return scale, shift
+
+
+def bn_add_relu(y, scale, shift, identity=None, *, y2=None, scale2=None, shift2=None):
+    """The end of a residual block in one pass: relu(y*scale + shift + identity), or, with a
+    projection shortcut's BatchNorm, relu(y*scale + shift + y2*scale2 + shift2)."""
+    y = check.tensor(y, "y", 4)
+    scale, shift = _channel_pair(scale, shift, y.shape[1])
+    tensors = {"y": y, "scale": scale, "shift": shift}
+    if (identity is None) == (y2 is None):
+        raise check.InputError("give exactly one of identity or y2 (with scale2, shift2)")
+    if identity is not None:
+        identity = check.tensor(identity, "identity", 4)
+        check.shape(identity, "identity", tuple(y.shape))
+        other = [identity]
+        tensors["identity"] = identity
+    else:
+        y2 = check.tensor(y2, "y2", 4)
+        check.shape(y2, "y2", tuple(y.shape))
+        scale2, shift2 = _channel_pair(scale2, shift2, y.shape[1], ("scale2", "shift2"))
+        other = [y2, scale2, shift2]
+        tensors.update(y2=y2, scale2=scale2, shift2=shift2)
+    dtype = check.same_dtype(**tensors)
+    fn = kernel(KernelSpec.make("bn_add_relu", shape=tuple(y.shape), dtype=check.dtype_name(dtype),
+                                second_bn=y2 is not None))
+    a = torch.empty_like(y)
+    fn(y, scale, shift, *other, a)
+    return a
+
+
+def bn_add_relu_backward(da, a, y, coeffs, y2=None, coeffs2=None):
+    """Backward of ``bn_add_relu`` in one pass, from the output ``a`` (the ReLU mask is a > 0).
+
+    coeffs (coeffs2): the forward ``BNCoefficients`` of the BatchNorm over y (y2); scale, mean
+    and invstd are used. Returns (grad_y, grad_y2 or grad_identity, tile_dbeta, tile_dgamma
+    [, tile_dgamma2]): the gradients at y (scale*dz) and at y2 (scale2*dz) or at identity
+    (dz), with dz = da*[a > 0], and per (n, c) plane the partials of dbeta = sum dz (the same
+    for both BatchNorms) and dgamma = sum dz*xhat of each BatchNorm.
+    """
+    da = check.tensor(da, "da", 4)
+    a, y = check.tensor(a, "a", 4), check.tensor(y, "y", 4)
+    check.shape(a, "a", tuple(da.shape))
+    check.shape(y, "y", tuple(da.shape))
+    c = da.shape[1]
+    names = ("scale", "mean", "invstd")
+    ct = _bn_forward_coeffs(coeffs, c, names)
+    tensors = {"da": da, "a": a, "y": y, **ct}
+    args = [da, a, y, ct["mean"], ct["invstd"], ct["scale"]]
+    if y2 is not None:
+        y2 = check.tensor(y2, "y2", 4)
+        check.shape(y2, "y2", tuple(da.shape))
+        ct2 = _bn_forward_coeffs(coeffs2, c, names)
+        tensors.update(y2=y2, **{f"{k}2": v for k, v in ct2.items()})
+        args += [y2, ct2["mean"], ct2["invstd"], ct2["scale"]]
+    dtype = check.same_dtype(**tensors)
+    fn = kernel(KernelSpec.make("bn_add_relu_backward", shape=tuple(da.shape), dtype=check.dtype_name(dtype),
+                                second_bn=y2 is not None))
+    outs = [torch.empty_like(da), torch.empty_like(da), da.new_empty(da.shape[:2]), da.new_empty(da.shape[:2])]
+    if y2 is not None:
+        outs.append(da.new_empty(da.shape[:2]))
+    fn(*args, *outs)
+    return tuple(outs)
+
+
 # ---------------------------------------------------------------------------------------------
 # Backward. See the "Backward" section of the module docstring for a worked chain.
 

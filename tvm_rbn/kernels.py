@@ -124,6 +124,18 @@ def _bn_backward_dx(shape, dtype):
     return dx(tuple(shape), dtype)
 
 
+def _bn_add_relu(shape, dtype, second_bn):
+    from .ops.residual import bn_add_relu
+
+    return bn_add_relu(tuple(shape), dtype, second_bn)
+
+
+def _bn_add_relu_backward(shape, dtype, second_bn):
+    from .ops.residual import bn_add_relu_backward
+
+    return bn_add_relu_backward(tuple(shape), dtype, second_bn)
+
+
 _BUILDERS: dict[str, Callable[..., list]] = {
     "conv2d_fused": _conv2d_fused,
     "bn_finalize": _bn_finalize,
@@ -135,4 +147,6 @@ _BUILDERS: dict[str, Callable[..., list]] = {
     "bn_backward_finalize": _bn_backward_finalize,
     "bn_backward_stats": _bn_backward_stats,
     "bn_backward_dx": _bn_backward_dx,
+    "bn_add_relu": _bn_add_relu,
+    "bn_add_relu_backward": _bn_add_relu_backward,
 }

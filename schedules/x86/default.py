@@ -17,6 +17,7 @@ from .backward import BACKWARD_TEMPLATES
 from .common import dtype_of as _dtype
 from .common import plane_reductions
 from .conv import ConvTemplate
+from .residual import ResidualBackwardTemplate
 
 
 def _largest_divisor(n: int, cap: int) -> int:
@@ -96,4 +97,5 @@ def _is_spatial(sch: Schedule, block) -> bool:
     return all(iv.iter_type == IterVar.DataPar for iv in sch.get(block).iter_vars)
 
 
-DEFAULT_TEMPLATES = [ConvTemplate, *BACKWARD_TEMPLATES, PlaneStatsTemplate, ElementwiseTemplate]
+DEFAULT_TEMPLATES = [ConvTemplate, *BACKWARD_TEMPLATES, ResidualBackwardTemplate, PlaneStatsTemplate,
+                     ElementwiseTemplate]

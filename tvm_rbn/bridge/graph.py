@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from .modules import RBNBatchNorm2d, RBNConv2d, bn_apply
+from .modules import RBNBatchNorm2d, RBNConv2d, bn_add_relu, bn_apply
 
 
 @dataclass
@@ -57,6 +57,24 @@ def _is_relu(node: fx.Node, modules: dict) -> bool:
     if node.op == "call_function":
         return node.target in (torch.relu, torch.nn.functional.relu, torch.relu_)
     return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def _add_relu(node: fx.Node, act: fx.Node, modules: dict):
+    """(other operand, the ReLU node) if `node` is `act + other` (other a different node) whose
+    only user is a ReLU, else None."""
+    if node.op != "call_function" or node.target not in _ADDS or node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    other = b if a is act else a if b is act else None
+    if not isinstance(other, fx.Node) or other is act or len(node.users) != 1:
+        return None
+    (relu,) = node.users
+    if not _is_relu(relu, modules) or relu.args[0] is not node or len(relu.args) != 1:
+        return None
+    return other, relu
 
 
 def _module(node: fx.Node, modules: dict):
@@ -148,6 +166,10 @@ def rewrite(gm: fx.GraphModule, prefix: str = "") -> list[BNDecision]:
         for user in list(act.users):
             if user in dead:
                 continue
+            residual = None if relu else _add_relu(user, act, modules)
+            if residual is not None:
+                _fuse_add_relu(graph, user, act, residual, act_info, decision, prefix)
+                continue
             conv = _module(user, modules)
             if (conv is not None and not conv_unsupported(conv) and single_use(user) and len(user.args) == 1
                     and user.args[0] is act and not user.kwargs):
@@ -168,6 +190,27 @@ def rewrite(gm: fx.GraphModule, prefix: str = "") -> list[BNDecision]:
     graph.lint()
     gm.recompile()
     return decisions
+
+
+def _fuse_add_relu(graph: fx.Graph, add: fx.Node, act: fx.Node, residual, act_info: dict, decision: BNDecision,
+                   prefix: str) -> None:
+    """relu(bn(y) + other) -> one bn_add_relu node; other is a second BN's raw output (its
+    apply joins the same pass) when it is a BN without ReLU, else a tensor."""
+    other, relu = residual
+    y, coeffs = act_info[act][:2]
+    other_info = act_info.get(other)
+    with graph.inserting_before(relu):
+        if other_info is not None and not other_info[2]:
+            new = graph.call_function(bn_add_relu, (y, coeffs, other_info[0], other_info[1]))
+            decision.apply.append(f"add+ReLU kernel with {other_info[3].name} (one pass)")
+            other_info[3].apply.append(f"add+ReLU kernel with {decision.name} (one pass)")
+        else:
+            operand = _materialize(graph, other, act_info) if other_info is not None else other
+            new = graph.call_function(bn_add_relu, (y, coeffs, operand, None))
+            decision.apply.append(f"add+ReLU kernel with the identity {prefix}{other.name} (one pass)")
+    relu.replace_all_uses_with(new)
+    graph.erase_node(relu)
+    graph.erase_node(add)
 
 
 def _materialize(graph: fx.Graph, act: fx.Node, act_info: dict) -> fx.Node:

@@ -15,6 +15,11 @@ def bn_apply(y: torch.Tensor, coeffs: torch.Tensor, relu: bool) -> torch.Tensor:
     return torch.ops.tvm_rbn.bn_apply(y, coeffs, relu)
 
 
+def bn_add_relu(y: torch.Tensor, coeffs: torch.Tensor, other: torch.Tensor, coeffs_other) -> torch.Tensor:
+    """relu(BN(y) + other), other a tensor (coeffs_other None) or a second BN's raw output."""
+    return torch.ops.tvm_rbn.bn_add_relu(y, coeffs, other, coeffs_other)
+
+
 def _share(new: nn.Module, old: nn.Module) -> nn.Module:
     """Make `new` hold exactly `old`'s parameters, buffers and flags."""
     # containers (parameters, buffers, hooks) are copied, their contents (the tensors) shared

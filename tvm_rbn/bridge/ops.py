@@ -10,6 +10,8 @@ compute relu(y*scale + shift), and reduce their BatchNorm gradient partials cent
     bn_eval         coeffs of an eval-mode BN, from its running statistics
     conv_prologue   [apply(+ReLU) prologue] + conv, no BN after it
     bn_apply        the standalone apply(+ReLU), for consumers that are not our convs
+    bn_add_relu     the end of a residual block, relu(bn(y) + identity) or relu(bn(y) + bn2(y2)),
+                    one pass forward and one backward (masked gradient + both BNs' partials)
 
 Gradient convention for ``coeffs`` (private to these ops, which are its only producers and
 consumers): the gradient a consumer returns for coeffs holds, in row 0, its part of
@@ -178,6 +180,21 @@ def _(x, coeffs, relu):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op(f"{_LIB}::bn_add_relu", mutates_args=())
+def bn_add_relu(y: Tensor, coeffs: Tensor, other: Tensor, coeffs_other: Optional[Tensor]) -> Tensor:
+    """relu(y*scale + shift + other), or with coeffs_other relu(... + other*scale2 + shift2)."""
+    c = _coeffs(coeffs)
+    if coeffs_other is None:
+        return rbn.bn_add_relu(y.detach(), c.scale, c.shift, other.detach())
+    c2 = _coeffs(coeffs_other)
+    return rbn.bn_add_relu(y.detach(), c.scale, c.shift, y2=other.detach(), scale2=c2.scale, shift2=c2.shift)
+
+
+@bn_add_relu.register_fake
+def _(y, coeffs, other, coeffs_other):
+    return torch.empty_like(y)
+
+
 # --- backward ops ------------------------------------------------------------------------------
 
 
@@ -230,6 +247,27 @@ def bn_apply_backward(grad: Tensor, x: Tensor, coeffs: Tensor, relu: bool) -> tu
 @bn_apply_backward.register_fake
 def _(grad, x, coeffs, relu):
     return torch.empty_like(x), coeffs.new_empty(coeffs.shape)
+
+
+@torch.library.custom_op(f"{_LIB}::bn_add_relu_backward", mutates_args=())
+def bn_add_relu_backward(grad: Tensor, a: Tensor, y: Tensor, coeffs: Tensor, y2: Optional[Tensor],
+                         coeffs2: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of y, of the other operand (identity, or y2), of coeffs and of coeffs2
+    (empty without a second BatchNorm), from one pass over grad, a, y[, y2]."""
+    c = _coeffs(coeffs)
+    if y2 is None:
+        g_y, g_other, tile_dbeta, tile_dgamma = rbn.bn_add_relu_backward(grad, a, y, c)
+        return g_y, g_other, _grad_coeffs(tile_dgamma.sum(0), tile_dbeta.sum(0)), grad.new_empty(0)
+    g_y, g_other, tile_dbeta, tile_dgamma, tile_dgamma2 = rbn.bn_add_relu_backward(grad, a, y, c, y2,
+                                                                                  _coeffs(coeffs2))
+    dbeta = tile_dbeta.sum(0)
+    return g_y, g_other, _grad_coeffs(tile_dgamma.sum(0), dbeta), _grad_coeffs(tile_dgamma2.sum(0), dbeta)
+
+
+@bn_add_relu_backward.register_fake
+def _(grad, a, y, coeffs, y2, coeffs2):
+    return (torch.empty_like(y), torch.empty_like(y), coeffs.new_empty(coeffs.shape),
+            coeffs.new_empty(coeffs.shape if coeffs2 is not None else (0,)))
 
 
 # --- autograd formulas -------------------------------------------------------------------------
@@ -359,3 +397,20 @@ def _backward_apply(ctx, g):
 
 
 torch.library.register_autograd(f"{_LIB}::bn_apply", _backward_apply, setup_context=_setup_apply)
+
+
+def _setup_add_relu(ctx, inputs, output):
+    y, coeffs, other, coeffs_other = inputs
+    ctx.save_for_backward(y, coeffs, other if coeffs_other is not None else None, coeffs_other, output)
+
+
+def _backward_add_relu(ctx, g):
+    y, coeffs, y2, coeffs2, a = ctx.saved_tensors
+    g_y, g_other, g_coeffs, g_coeffs2 = torch.ops.tvm_rbn.bn_add_relu_backward(g.contiguous(), a, y, coeffs, y2,
+                                                                               coeffs2)
+    need = ctx.needs_input_grad
+    return (g_y if need[0] else None, g_coeffs if need[1] else None, g_other if need[2] else None,
+            g_coeffs2 if coeffs2 is not None and need[3] else None)
+
+
+torch.library.register_autograd(f"{_LIB}::bn_add_relu", _backward_add_relu, setup_context=_setup_add_relu)

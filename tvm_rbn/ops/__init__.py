@@ -22,4 +22,8 @@ Backward (``conv2d_bn_backward``, ``bn_backward``):
     ``tile_dgamma``  per (n, c) plane sum of dz*xhat
     ``wgrad``        the weight gradient's reduction over (n, p, q); its activation operand
                      is ``act`` + ``pad`` as in the forward
+
+Residual branch end (``residual``): ``act`` = relu(y*scale + shift + identity or a second
+BatchNorm's output); backward ``dz``, ``grad_y``, ``grad_y2`` / ``grad_identity``,
+``tile_dbeta``, ``tile_dgamma``, ``tile_dgamma2``.
 """
