@@ -24,7 +24,21 @@ def pair(value, name: str, minimum: int) -> tuple[int, int]:
     return vals  # type: ignore[return-value]
 
 
-def tensor(t, name: str, ndim: int) -> torch.Tensor:
+def channel_view_total(t: torch.Tensor) -> int | None:
+    """T when t (4-D) is laid out as a channel slice X[:, a:b] of a contiguous NCHW tensor X
+    with T channels (strides (T*H*W, H*W, W, 1); T = C for a contiguous tensor); else None."""
+    if t.dim() != 4:
+        return None
+    n, c, h, w = t.shape
+    s0, s1, s2, s3 = t.stride()
+    if (s3, s2, s1) != (1, w, h * w) or h * w == 0 or s0 % (h * w) or s0 // (h * w) < c:
+        return None
+    return s0 // (h * w)
+
+
+def tensor(t, name: str, ndim: int, channel_view: bool = False) -> torch.Tensor:
+    """Validate one kernel argument. channel_view: a channel slice X[:, a:b] of a contiguous
+    NCHW tensor is accepted (read or written in place) besides contiguous tensors."""
     if not isinstance(t, torch.Tensor):
         raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
@@ -33,7 +47,7 @@ def tensor(t, name: str, ndim: int) -> torch.Tensor:
         raise InputError(f"{name} has dtype {t.dtype}; supported: float32, float64")
     if t.device.type != "cpu":
         raise InputError(f"{name} is on device {t.device}; these kernels were built for the host CPU")
-    if not t.is_contiguous():
+    if not t.is_contiguous() and not (channel_view and channel_view_total(t) is not None):
         if ndim == 4 and t.is_contiguous(memory_format=torch.channels_last):
             raise InputError(f"{name} is channels_last; these kernels take contiguous NCHW (call .contiguous())")
         raise InputError(f"{name} is not contiguous (strides {t.stride()}); call .contiguous()")

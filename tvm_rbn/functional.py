@@ -64,12 +64,13 @@ def _aligned(t):
 
 def kernel(spec: KernelSpec):
     """The kernel for `spec`, called with each misaligned contiguous input replaced by an
-    aligned copy (outputs are always fresh, aligned tensors; channel-slice views are declared
-    with element alignment by their specs and passed as they are)."""
+    aligned copy (outputs are fresh, aligned tensors, or views that the spec declares, with
+    element alignment, like the channel-slice inputs: those are passed as they are)."""
     fn = provider.kernel(spec)
+    declared = {index for index, _ in spec.kwargs.get("views", ())}
 
     def call(*args):
-        return fn(*(_aligned(a) for a in args))
+        return fn(*(a if i in declared else _aligned(a) for i, a in enumerate(args)))
 
     return call
 
@@ -88,8 +89,30 @@ def tile_count(y: torch.Tensor) -> int:
     return int(y.shape[2] * y.shape[3])
 
 
-def _conv(x, scale, shift, weight, stride, padding, relu, stats):
-    x = check.tensor(x, "x", 4)
+def _views(args) -> dict:
+    """KernelSpec ``views`` for the channel slices among a kernel's arguments ({} if none):
+    the non-contiguous ones, and contiguous ones that do not start 64-byte aligned (a slice
+    of a batch of one)."""
+    views = []
+    for i, a in enumerate(args):
+        total = check.channel_view_total(a) if isinstance(a, torch.Tensor) else None
+        if total is not None and (total != a.shape[1] or a.data_ptr() % KERNEL_ALIGNMENT):
+            views.append((i, total))
+    return {"views": tuple(views)} if views else {}
+
+
+def _out(out, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A new output tensor, or `out` (a contiguous tensor or a channel-slice view) checked."""
+    if out is None:
+        return like.new_empty(shape)
+    out = check.tensor(out, name, len(shape), channel_view=True)
+    check.shape(out, name, shape)
+    check.same_dtype(**{name: out, "input": like})
+    return out
+
+
+def _conv(x, scale, shift, weight, stride, padding, relu, stats, out=None):
+    x = check.tensor(x, "x", 4, channel_view=True)
     weight = check.tensor(weight, "weight", 4)
     tensors = {"x": x, "weight": weight}
     if scale is not None or shift is not None:
@@ -113,13 +136,14 @@ def _conv(x, scale, shift, weight, stride, padding, relu, stats):
         raise check.InputError(
             f"kernel {r}x{s} with padding {padding} does not fit input {h}x{w}: output would be {p}x{q}"
         )
+    y = _out(out, "out", (n, k, p, q), x)
+    args = [x] + ([scale, shift] if scale is not None else []) + [weight, y]
     spec = KernelSpec.make(
         "conv2d_fused", n=n, c=c, h=h, w=w, k=k, r=r, s=s, stride=stride, padding=padding,
         dtype=check.dtype_name(dtype), prologue_relu=relu if scale is not None else None, stats=stats,
+        **_views(args),
     )
     fn = kernel(spec)
-    y = x.new_empty((n, k, p, q))
-    args = [x] + ([scale, shift] if scale is not None else []) + [weight, y]
     if not stats:
         fn(*args)
         return y
@@ -128,9 +152,14 @@ def _conv(x, scale, shift, weight, stride, padding, relu, stats):
     return y, tile_sum, tile_m2
 
 
-def conv2d_stats(x, weight, stride=1, padding=0):
-    """conv2d(x, weight) with the statistics epilogue: (y, tile_sum, tile_m2) per (n, k) plane."""
-    return _conv(x, None, None, weight, stride, padding, None, True)
+def conv2d_stats(x, weight, stride=1, padding=0, *, out=None):
+    """conv2d(x, weight) with the statistics epilogue: (y, tile_sum, tile_m2) per (n, k) plane.
+
+    x may be a channel slice X[:, a:b] of a contiguous NCHW tensor, read in place; with `out`
+    (a new-enough tensor of the output's shape, contiguous or such a channel slice), y is
+    written there (the other convolutions and the backward functions take channel slices
+    the same way where noted)."""
+    return _conv(x, None, None, weight, stride, padding, None, True, out)
 
 
 def bn_relu_conv2d(x, scale, shift, weight, stride=1, padding=0, relu=True):
@@ -138,9 +167,10 @@ def bn_relu_conv2d(x, scale, shift, weight, stride=1, padding=0, relu=True):
     return _conv(x, scale, shift, weight, stride, padding, relu, False)
 
 
-def bn_relu_conv2d_stats(x, scale, shift, weight, stride=1, padding=0, relu=True):
-    """The kernel in the middle of a chain: prologue, conv, and statistics epilogue."""
-    return _conv(x, scale, shift, weight, stride, padding, relu, True)
+def bn_relu_conv2d_stats(x, scale, shift, weight, stride=1, padding=0, relu=True, *, out=None):
+    """The kernel in the middle of a chain: prologue, conv, and statistics epilogue (x and
+    `out`: channel slices accepted, as in ``conv2d_stats``)."""
+    return _conv(x, scale, shift, weight, stride, padding, relu, True, out)
 
 
 def batch_stats(x):
@@ -212,6 +242,23 @@ def bn_finalize(
     running_mean.copy_(new_mean)
     running_var.copy_(new_var)
     return BNCoefficients(*out)
+
+
+def bn_channel_stats(tile_sum, tile_m2, tile_count: int):
+    """Per-channel batch (mean, biased variance) from per-tile partials, for statistics that
+    several BatchNorms share (each then forms its own coefficients)."""
+    tile_sum = check.tensor(tile_sum, "tile_sum", 2)
+    tile_m2 = check.tensor(tile_m2, "tile_m2", 2)
+    check.shape(tile_m2, "tile_m2", tuple(tile_sum.shape))
+    if not isinstance(tile_count, int) or isinstance(tile_count, bool) or tile_count < 1:
+        raise check.InputError(f"tile_count must be a positive int, got {tile_count!r}")
+    dtype = check.same_dtype(tile_sum=tile_sum, tile_m2=tile_m2)
+    tiles, channels = tile_sum.shape
+    fn = kernel(KernelSpec.make("bn_channel_stats", num_tiles=tiles, channels=channels, tile_count=tile_count,
+                                dtype=check.dtype_name(dtype)))
+    mean, var = tile_sum.new_empty(channels), tile_sum.new_empty(channels)
+    fn(tile_sum, tile_m2, mean, var)
+    return mean, var
 
 
 def bn_eval_coefficients(weight, bias, running_mean, running_var, eps=1e-5):
@@ -359,8 +406,8 @@ def _bn_forward_coeffs(coeffs, channels: int, names=("scale", "shift", "mean", "
 
 
 def _deferred(dz, x, c1, c2, c3) -> DeferredGrad:
-    dz = check.tensor(dz, "dz", 4)
-    x = check.tensor(x, "x", 4)
+    dz = check.tensor(dz, "dz", 4, channel_view=True)
+    x = check.tensor(x, "x", 4, channel_view=True)
     check.shape(x, "x", tuple(dz.shape))
     channels = dz.shape[1]
     cs = []
@@ -446,7 +493,7 @@ def _dgrad(grad, weight, x_raw, coeffs, input_size, stride, padding, relu):
     tensors = {"grad": grad_args[0], "weight": weight}
     ep_args = []
     if x_raw is not None:
-        x_raw = check.tensor(x_raw, "x_raw", 4)
+        x_raw = check.tensor(x_raw, "x_raw", 4, channel_view=True)
         if tuple(x_raw.shape[:2]) != (n, c):
             raise check.InputError(
                 f"x_raw has shape {tuple(x_raw.shape)}; expected batch {n} and {c} channels (the weight's input)"
@@ -458,20 +505,19 @@ def _dgrad(grad, weight, x_raw, coeffs, input_size, stride, padding, relu):
         tensors.update(x_raw=x_raw, **ct)
     dtype = check.same_dtype(**tensors)
     params = _backward_geometry(grad_args, c, _input_hw(input_size, n, c), (r, s), stride, padding)
-    spec = KernelSpec.make(
-        "conv2d_dgrad", **params, dtype=check.dtype_name(dtype), grad_prologue=prologue,
-        epilogue_relu=relu if x_raw is not None else None,
-    )
-    fn = kernel(spec)
     g0 = grad_args[0]
     shape = (n, c, params["h"], params["w"])
     if x_raw is None:
-        da = g0.new_empty(shape)
-        fn(*grad_args, weight, da)
-        return da
-    dz, tile_dbeta, tile_dgamma = g0.new_empty(shape), g0.new_empty((n, c)), g0.new_empty((n, c))
-    fn(*grad_args, weight, *ep_args, dz, tile_dbeta, tile_dgamma)
-    return dz, tile_dbeta, tile_dgamma
+        outs = [g0.new_empty(shape)]
+    else:
+        outs = [g0.new_empty(shape), g0.new_empty((n, c)), g0.new_empty((n, c))]
+    args = [*grad_args, weight, *ep_args, *outs]
+    spec = KernelSpec.make(
+        "conv2d_dgrad", **params, dtype=check.dtype_name(dtype), grad_prologue=prologue,
+        epilogue_relu=relu if x_raw is not None else None, **_views(args),
+    )
+    kernel(spec)(*args)
+    return outs[0] if x_raw is None else tuple(outs)
 
 
 def conv2d_dgrad(grad, weight, input_size, stride=1, padding=0):
@@ -500,7 +546,7 @@ def conv2d_dgrad_bn_relu(grad, weight, x_raw, coeffs, stride=1, padding=0, relu=
 
 def _wgrad(grad, x, scale, shift, kernel_size, stride, padding, relu):
     grad_args, prologue = _grad_operand(grad)
-    x = check.tensor(x, "x", 4)
+    x = check.tensor(x, "x", 4, channel_view=True)
     n, c, h, w = x.shape
     if grad_args[0].shape[0] != n:
         raise check.InputError(
@@ -517,11 +563,13 @@ def _wgrad(grad, x, scale, shift, kernel_size, stride, padding, relu):
         act = [scale, shift]
     dtype = check.same_dtype(**tensors)
     params = _backward_geometry(grad_args, c, (h, w), kernel_size, stride, padding)
-    spec = KernelSpec.make(
-        "conv2d_wgrad", **params, dtype=check.dtype_name(dtype), grad_prologue=prologue, prologue_relu=relu
-    )
     dw = x.new_empty((params["k"], c, params["r"], params["s"]))
-    kernel(spec)(*grad_args, x, *act, dw)
+    args = [*grad_args, x, *act, dw]
+    spec = KernelSpec.make(
+        "conv2d_wgrad", **params, dtype=check.dtype_name(dtype), grad_prologue=prologue, prologue_relu=relu,
+        **_views(args),
+    )
+    kernel(spec)(*args)
     return dw
 
 
@@ -592,7 +640,9 @@ def bn_backward_dx(dz, x, grad_coeffs: BNGradCoefficients):
     ``DeferredGrad`` instead), e.g. the chain's input is the output of a pooling layer.
     """
     d = bn_input_grad(dz, x, grad_coeffs)
-    fn = kernel(KernelSpec.make("bn_backward_dx", shape=tuple(d.dz.shape), dtype=check.dtype_name(d.dz.dtype)))
-    dx = torch.empty_like(d.dz)
-    fn(*d, dx)
+    dx = d.dz.new_empty(d.dz.shape)
+    args = [*d, dx]
+    fn = kernel(KernelSpec.make("bn_backward_dx", shape=tuple(d.dz.shape), dtype=check.dtype_name(d.dz.dtype),
+                                **_views(args)))
+    fn(*args)
     return dx

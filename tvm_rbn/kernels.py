@@ -40,13 +40,42 @@ class KernelSpec:
 
     def build_args(self) -> list:
         """TE tensors and scalar vars of the kernel, inputs, then outputs, then scalars."""
-        return _BUILDERS[self.op](**{k: _thaw(v) for k, v in self.params})
+        return _BUILDERS[self.op](**{k: _thaw(v) for k, v in self.params if k != "views"})
+
+    def prim_func(self):
+        """The kernel's TensorIR function: ``te.create_prim_func(build_args())``, with the
+        buffers that the spec's ``views`` names declared as channel slices (see ``views``)."""
+        from tvm import te
+
+        func = te.create_prim_func(self.build_args())
+        views = self.kwargs.get("views")
+        return _with_channel_views(func, views) if views else func
 
     @classmethod
     def from_key(cls, key: str) -> "KernelSpec":
         d = json.loads(key)
         op = d.pop("op")
         return cls.make(op, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _with_channel_views(func, views):
+    """Spec parameter ``views``: ((argument index, total channels T), ...). Each such 4-D
+    argument (N, C, H, W) is a channel slice X[:, a:a+C] of a contiguous NCHW tensor X with T
+    channels, read or written in place: its buffer gets strides (T*H*W, H*W, W, 1) and
+    element alignment (a slice starts anywhere), instead of TVM's compact, 64-byte-aligned
+    default. TVM checks the strides of what it is called with."""
+    import tvm
+    from tvm import tirx
+    from tvm.tirx.transform.common import BufferReplacer
+
+    mapping = {}
+    for index, total in views:
+        param = func.params[index]
+        n, c, h, w = (int(d) for d in param.ty.shape)
+        dtype = str(param.ty.dtype)
+        mapping[param] = tirx.decl_buffer((n, c, h, w), dtype, param.name, None, [total * h * w, h * w, w, 1], None,
+                                          "global", tvm.DataType(dtype).bits // 8, 1)
+    return BufferReplacer(mapping)(func)
 
 
 def _freeze(v):
@@ -68,6 +97,12 @@ def _bn_finalize(num_tiles, channels, tile_count, dtype, update_running):
     from .ops.bn import finalize
 
     return finalize(num_tiles, channels, tile_count, dtype, update_running)
+
+
+def _bn_channel_stats(num_tiles, channels, tile_count, dtype):
+    from .ops.bn import channel_stats
+
+    return channel_stats(num_tiles, channels, tile_count, dtype)
 
 
 def _bn_eval_coeffs(channels, dtype):
@@ -147,6 +182,7 @@ _BUILDERS: dict[str, Callable[..., list]] = {
     "bn_backward_finalize": _bn_backward_finalize,
     "bn_backward_stats": _bn_backward_stats,
     "bn_backward_dx": _bn_backward_dx,
+    "bn_channel_stats": _bn_channel_stats,
     "bn_add_relu": _bn_add_relu,
     "bn_add_relu_backward": _bn_add_relu_backward,
 }

@@ -15,7 +15,13 @@ _REPORT_ATTR = "_tvm_rbn_report"
 
 @dataclass
 class BNReport:
-    """One BatchNorm layer of the original model."""
+    """One BatchNorm layer of the original model.
+
+    fused: "full" (statistics in a convolution's epilogue, or shared block statistics, and
+    every apply inside a consumer's kernel: a conv prologue or the residual add+ReLU),
+    "statistics" (the apply is a standalone kernel: the chain ends in a pool or the
+    classifier), "apply" (standalone statistics: the input is no conv output), "none".
+    """
 
     name: str
     restructured: bool
@@ -23,6 +29,19 @@ class BNReport:
     tuned: bool
     stats: str
     apply: str
+    fused: str = ""
+
+
+_FUSED_STATS = ("epilogue of", "shared block statistics of")
+_FUSED_APPLY = ("prologue of", "add+ReLU kernel")
+
+
+def _fusion(d: BNDecision) -> str:
+    if not d.restructured:
+        return "none"
+    stats = d.stats.startswith(_FUSED_STATS)
+    apply = bool(d.apply) and all(a.startswith(_FUSED_APPLY) for a in d.apply)
+    return {(True, True): "full", (True, False): "statistics", (False, True): "apply"}.get((stats, apply), "none")
 
 
 def _is_tunable_symbol(symbol: str) -> bool:
@@ -35,13 +54,16 @@ class Report(list):
     """A list of BNReport, printed as a table."""
 
     def __str__(self) -> str:
-        rows = [("name", "restructured", "tuned", "statistics", "apply", "reason")]
-        rows += [(r.name, "yes" if r.restructured else "no", "yes" if r.tuned else "no", r.stats, r.apply, r.reason)
-                 for r in self]
+        rows = [("name", "restructured", "fused", "tuned", "statistics", "apply", "reason")]
+        rows += [(r.name, "yes" if r.restructured else "no", r.fused, "yes" if r.tuned else "no", r.stats, r.apply,
+                  r.reason) for r in self]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         done = sum(r.restructured for r in self)
-        lines.append(f"{done}/{len(self)} BatchNorm layers restructured")
+        percent = f" ({100 * done / len(self):.0f}%)" if self else ""
+        kinds = {k: sum(r.fused == k for r in self) for k in ("full", "statistics", "apply", "none")}
+        lines.append(f"{done}/{len(self)} BatchNorm layers restructured{percent}; fused: "
+                     + ", ".join(f"{v} {k}" for k, v in kinds.items() if v))
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -107,7 +129,8 @@ def restructure(model: nn.Module, *, target=None, tuning_logs=None, library=None
         if not isinstance(m, nn.modules.batchnorm._BatchNorm):
             continue
         d = by_name.get(name) or BNDecision(name, False, "not reached by tracing (not called in forward?)")
-        entries.append((BNReport(d.name, d.restructured, d.reason, False, d.stats, ", ".join(d.apply)), d.kernels))
+        entries.append((BNReport(d.name, d.restructured, d.reason, False, d.stats, ", ".join(d.apply), _fusion(d)),
+                        d.kernels))
     object.__setattr__(new, _REPORT_ATTR, entries)
     new.register_forward_hook(_warn_untuned)
     return new

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from .dense import SHARED_HOW, rewrite_dense_blocks
 from .modules import RBNBatchNorm2d, RBNConv2d, bn_add_relu, bn_apply
 
 
@@ -106,6 +107,11 @@ def rewrite(gm: fx.GraphModule, prefix: str = "") -> list[BNDecision]:
     def single_use(node: fx.Node) -> bool:
         return calls.get(node.target, 0) == 1
 
+    # dense blocks first: each becomes one node returning (block buffer, per-channel statistics)
+    dense_decisions, dense_outputs = rewrite_dense_blocks(gm, prefix, modules, calls, _is_relu, conv_unsupported,
+                                                          BNDecision)
+    decisions += dense_decisions
+
     for node in list(graph.nodes):
         bn = _module(node, modules)
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
@@ -124,8 +130,13 @@ def rewrite(gm: fx.GraphModule, prefix: str = "") -> list[BNDecision]:
             conv is not None and not conv_unsupported(conv) and len(src.users) == 1 and single_use(src)
             and len(src.args) == 1 and not src.kwargs
         )
+        kwargs = {}
         with graph.inserting_before(node):
-            if fuse_conv:
+            if src in dense_outputs:  # the block's statistics, computed once per channel, are this BN's
+                stats, block_name = dense_outputs[src]
+                args, kwargs, relu_in, fuse_conv = (src,), {"stats": stats}, False, False
+                decision.stats = f"shared block statistics of {prefix}{block_name} ({SHARED_HOW})"
+            elif fuse_conv:
                 conv_in = src.args[0]
                 prologue = act_info.get(conv_in)
                 weight = graph.get_attr(src.target + ".weight")
@@ -145,7 +156,7 @@ def rewrite(gm: fx.GraphModule, prefix: str = "") -> list[BNDecision]:
                 relu_in = False
                 why = conv_unsupported(conv) if conv is not None and conv_unsupported(conv) else "input is not a conv output"
                 decision.stats = f"standalone ({why})"
-            new = graph.call_module(node.target, args)
+            new = graph.call_module(node.target, args, kwargs)
             y, coeffs = (graph.call_function(operator.getitem, (new, i)) for i in range(2))
         rbn_bn = RBNBatchNorm2d.from_batchnorm(bn, conv if fuse_conv else None, relu_in)
         _set_module(gm, node.target, rbn_bn)

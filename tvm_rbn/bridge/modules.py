@@ -49,12 +49,14 @@ class RBNBatchNorm2d(nn.BatchNorm2d):
         new.kernels = set()  # symbols of the kernels run for this BN (see tvm_rbn.report)
         return new
 
-    def forward(self, x, coeffs_in=None, conv_weight=None, conv_bias=None):
-        """conv_bias (with conv_weight): folded into this BatchNorm (see tvm_rbn.bridge.ops)."""
+    def forward(self, x, coeffs_in=None, conv_weight=None, conv_bias=None, stats=None):
+        """conv_bias (with conv_weight): folded into this BatchNorm (see tvm_rbn.bridge.ops).
+        stats: per-channel (mean, biased var) of x, computed elsewhere (a dense block's output,
+        see tvm_rbn.bridge.dense): used instead of a statistics pass."""
         with provider.owner(self.kernels):
-            return self._forward(x, coeffs_in, conv_weight, conv_bias)
+            return self._forward(x, coeffs_in, conv_weight, conv_bias, stats)
 
-    def _forward(self, x, coeffs_in, conv_weight, conv_bias):
+    def _forward(self, x, coeffs_in, conv_weight, conv_bias, stats):
         if x.dim() != 4:
             raise ValueError(f"expected 4D input (got {x.dim()}D input)")
         x = x.contiguous()
@@ -76,7 +78,11 @@ class RBNBatchNorm2d(nn.BatchNorm2d):
             factor = float(self.momentum) if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         rm = self.running_mean if update else None
         rv = self.running_var if update else None
-        if conv_weight is None:
+        if stats is not None:
+            coeffs, new_rm, new_rv = torch.ops.tvm_rbn.bn_from_stats(
+                stats, self.weight, self.bias, rm, rv, self.eps, factor, x.shape[0] * x.shape[2] * x.shape[3])
+            y = x
+        elif conv_weight is None:
             coeffs, new_rm, new_rv = torch.ops.tvm_rbn.bn_train(x, self.weight, self.bias, rm, rv, self.eps, factor)
             y = x
         else:

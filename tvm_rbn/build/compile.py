@@ -16,8 +16,6 @@ from .target import host_description, host_family, host_tvm_target
 
 def lower_spec(spec: KernelSpec, family: str, database=None, target=None):
     """(scheduled PrimFunc named by the spec's symbol, tuned?) for one kernel."""
-    from tvm import te
-
     from tvm_rbn.schedules import default_schedule
 
     from ..tuning.tasks import is_tunable, workload_mod
@@ -26,7 +24,7 @@ def lower_spec(spec: KernelSpec, family: str, database=None, target=None):
         sch = database.query_schedule(workload_mod(spec), target, "main")
         if sch is not None:
             return sch.mod["main"].with_attr("global_symbol", spec.symbol), True
-    func = te.create_prim_func(spec.build_args()).with_attr("global_symbol", spec.symbol)
+    func = spec.prim_func().with_attr("global_symbol", spec.symbol)
     return default_schedule(func, family).mod["main"].with_attr("global_symbol", spec.symbol), False
 
 

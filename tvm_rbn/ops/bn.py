@@ -3,6 +3,7 @@
 finalize      merges the per-tile statistics into mean / invstd, forms the apply
               coefficients scale = gamma*invstd, shift = beta - mean*scale, and the
               running-statistics update with PyTorch's semantics.
+channel_stats the merged per-channel mean and biased variance alone (shared statistics).
 eval_coeffs   the eval-mode form: scale/shift from the running statistics.
 apply         y = relu(x*scale + shift): a standalone kernel for where a chain ends.
 tile_stats    the statistics epilogue as a standalone kernel, for a BatchNorm whose input is
@@ -72,6 +73,31 @@ def finalize(num_tiles: int, channels: int, tile_count: int, dtype: str, update_
         outs += [new_rmean, new_rvar]
         scalars.append(factor)
     return args + outs + scalars
+
+
+def channel_stats(num_tiles: int, channels: int, tile_count: int, dtype: str):
+    """Stages ``total``, ``mean``, ``m2`` (as in ``finalize``), ``var``: the per-channel batch
+    mean and biased variance alone, for channels whose statistics several BatchNorms share
+    (each forms its own coefficients from them).
+
+    Arguments: tile_sum, tile_m2, outputs mean, var.
+    """
+    m = num_tiles * tile_count
+    shape = (num_tiles, channels)
+    tile_sum = te.placeholder(shape, dtype, "tile_sum")
+    tile_m2 = te.placeholder(shape, dtype, "tile_m2")
+    t = te.reduce_axis((0, num_tiles), "t")
+    total = te.compute((channels,), lambda c: te.sum(tile_sum[t, c], axis=t), name="total")
+    mean = te.compute((channels,), lambda c: total[c] * tirx.const(1.0 / m, dtype), name="mean")
+    t2 = te.reduce_axis((0, num_tiles), "t2")
+
+    def merged_m2(c):
+        d = tile_sum[t2, c] * tirx.const(1.0 / tile_count, dtype) - mean[c]
+        return te.sum(tile_m2[t2, c] + tirx.const(tile_count, dtype) * d * d, axis=t2)
+
+    m2 = te.compute((channels,), merged_m2, name="m2")
+    var = te.compute((channels,), lambda c: m2[c] * tirx.const(1.0 / m, dtype), name="var")
+    return [tile_sum, tile_m2, mean, var]
 
 
 def eval_coeffs(channels: int, dtype: str):

@@ -15,9 +15,8 @@ def is_tunable(spec: KernelSpec) -> bool:
 def workload_mod(spec: KernelSpec):
     """The IRModule a kernel is tuned and looked up as (one function named 'main')."""
     import tvm
-    from tvm import te
 
-    func = te.create_prim_func(spec.build_args()).with_attr("global_symbol", "main")
+    func = spec.prim_func().with_attr("global_symbol", "main")
     return tvm.IRModule({"main": func})
 
 
