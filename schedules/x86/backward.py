@@ -92,17 +92,39 @@ class DgradShape:
     n: int
     c: int
     h: int
-    phases: int
-    u: int
+    u: int  # columns per stride phase, ceil(W / sw)
     k: int
     lanes: int
-    taps: int = 1  # R*S of the forward conv
+    taps: int  # R*S of the forward conv
+    row_stride: int
+
+
+def _phase_blocks(sch: Schedule) -> list:
+    """The data gradient's reduction stages: ``dgrad``, or ``dgrad_{a}_{b}`` per stride phase."""
+    named = cm.blocks(sch)
+    return [named[name] for name in sorted(named) if name == "dgrad" or name.startswith("dgrad_")]
+
+
+def _row_stride(sch: Schedule) -> int:
+    """sh, from the ``da`` stage's row index into a phase stage (h // sh)."""
+    from tvm.tirx import FloorDiv
+
+    for region in sch.get(cm.blocks(sch)["da"]).reads:
+        index = region.region[2].min
+        if isinstance(index, FloorDiv):
+            return int(index.b)
+    return 1
 
 
 def dgrad_shape(sch: Schedule, family: str) -> DgradShape:
-    dgrad = cm.blocks(sch)["dgrad"]
-    n, c, h, t, u, k, ri, rj = cm.extents(sch, sch.get_loops(dgrad))
-    return DgradShape(n, c, h, t, u, k, vector_lanes(family, cm.dtype_of(sch, dgrad)), ri * rj * t * t)
+    phases = _phase_blocks(sch)
+    da = cm.blocks(sch)["da"]
+    n, c, h, _ = (int(d) for d in sch.get(da).writes[0].source.shape)
+    taps = 0
+    for block in phases:
+        _, _, _, u, k, ri, rj = cm.extents(sch, sch.get_loops(block))
+        taps += ri * rj
+    return DgradShape(n, c, h, u, k, vector_lanes(family, cm.dtype_of(sch, phases[0])), taps, _row_stride(sch))
 
 
 def default_dgrad_knobs(shape: DgradShape, cores: int | None = None) -> DgradKnobs:
@@ -115,7 +137,8 @@ def default_dgrad_knobs(shape: DgradShape, cores: int | None = None) -> DgradKno
     if shape.n >= MIN_IMAGES_PER_CORE * cores:
         return DgradKnobs(cb, ub, kb, per_image=True)
     tasks = shape.n * (shape.c // cb)
-    rows = 1 if tasks >= MIN_TASKS else cm.largest_divisor(shape.h, -(-MIN_TASKS // tasks))
+    rows_u = -(-shape.h // shape.row_stride)
+    rows = 1 if tasks >= MIN_TASKS else cm.largest_divisor(rows_u, -(-MIN_TASKS // tasks))
     return DgradKnobs(cb, ub, kb, per_image=False, row_tasks=rows)
 
 
@@ -140,10 +163,11 @@ def schedule_dgrad(sch: Schedule, family: str, knobs: DgradKnobs | None = None) 
     shape = dgrad_shape(sch, family)
     kn = knobs or default_dgrad_knobs(shape)
     B = cm.blocks(sch)
-    dgrad = B["dgrad"]
+    phases = _phase_blocks(sch)
     cb, ub, kb = kn.ic_block, kn.ow_block, kn.k_block
+    rows_u = -(-shape.h // shape.row_stride)
     for what, size, block in (("ic_block", shape.c, cb), ("ow_block", shape.u, ub), ("k_block", shape.k, kb),
-                              ("row_tasks", shape.h, kn.row_tasks)):
+                              ("row_tasks", rows_u, kn.row_tasks)):
         if size % block:
             raise ValueError(f"{what}={block} does not divide {size}")
     lanes = shape.lanes
@@ -155,23 +179,32 @@ def schedule_dgrad(sch: Schedule, family: str, knobs: DgradKnobs | None = None) 
     if "grad" in B:
         sch.compute_inline(B["grad"])
     sch.transform_layout(gpad, ("write", 0), lambda n, k, y, x: (n, k // kb, y, x, k % kb))
-    # weights (zero taps added for strides) -> [c//cb, k//kb, ry, rx, k%kb, c%cb]
-    if "weight_pad" in B:
-        wpack = B["weight_pad"]
-    else:
-        wpack = sch.cache_read(dgrad, cm.read_index(sch, dgrad, "w"), "global")
+    # weights, one packed copy for every phase -> [c//cb, k//kb, r, s, k%kb, c%cb]
+    wpack = sch.cache_read(phases[0], cm.read_index(sch, phases[0], "w"), "global", consumer_blocks=phases)
     sch.transform_layout(wpack, ("write", 0), lambda k, c, r, s: (c // cb, k // kb, r, s, k % kb, c % cb))
 
-    n, c, y, t, u, rk, ri, rj = sch.get_loops(dgrad)
+    # the output, NCHW, through the BatchNorm epilogue when there is one: it drives the loops
+    if epilogue:
+        sch.compute_inline(B["da"])
+        out = B["dz"]
+    else:
+        out = B["da"]
+    n, c, h, w = sch.get_loops(out)
     co, ci = sch.split(c, [None, cb])
-    uo, ui = sch.split(u, [None, ub])
-    rko, rki = sch.split(rk, [None, kb])
+    uneven = shape.h % shape.row_stride != 0
+    if shape.row_stride > 1:
+        # the phase rows u are computed once, for the sh input rows that read them (a
+        # predicated tail when H is not a multiple of sh)
+        uh, ah = sch.split(h, [None, shape.row_stride])
+        below = [ah, ci, w]
+    else:
+        uh, below = h, [ci, w]
     if kn.row_tasks > 1:
-        yo, y = sch.split(y, [kn.row_tasks, None])
-        outer = [n, yo, co] if kn.per_image else [n, co, yo]
+        uho, uh = sch.split(uh, [kn.row_tasks, None])
+        outer = [n, uho, co] if kn.per_image else [n, co, uho]
     else:
         outer = [n, co]
-    sch.reorder(*outer, y, t, uo, rko, ri, rj, rki, ui, ci)
+    sch.reorder(*outer, uh, *below)
     if kn.per_image:
         task = sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0]
         planes = co
@@ -179,27 +212,28 @@ def schedule_dgrad(sch: Schedule, family: str, knobs: DgradKnobs | None = None) 
         task = sch.fuse(*outer)
         planes = task
     sch.parallel(task)
-    # one input row (all phases) of the tile's channels, channels innermost, in a local buffer;
-    # the register tile accumulates in its own local buffer and is copied in when done
-    sch.set_scope(dgrad, 0, "local")
-    sch.transform_layout(dgrad, ("write", 0), lambda n_, c_, h_, t_, u_: (n_, c_ // cb, h_, t_, u_, c_ % cb))
-    acc = sch.cache_write(dgrad, 0, "local")
-    sch.reverse_compute_at(acc, uo)
-    cv, cl = sch.split(ci, [None, vl])
-    if vl > 1:
-        sch.vectorize(cl)
-        sch.vectorize(sch.get_loops(acc)[-1])
-    sch.unroll(cv)
-    sch.unroll(ui)
-    sch.decompose_reduction(dgrad, rko)
-    # the row written out in NCHW (transposed), through the BatchNorm epilogue when there is one
-    if epilogue:
-        sch.compute_inline(B["da"])
-        out = B["dz"]
-    else:
-        out = B["da"]
-    sch.reverse_compute_at(out, y)
     _vectorize_inner(sch, out, lanes)
+
+    # per phase: one phase row of the tile's channels, channels innermost, in a local buffer,
+    # computed right before the input rows that read it; register tile: ow_block columns x
+    # ic_block channels, reduced over K and the phase's taps
+    for block in phases:
+        sch.compute_at(block, uh, preserve_unit_loops=True)
+        sch.set_scope(block, 0, "local")
+        sch.transform_layout(block, ("write", 0), lambda n_, c_, u_, v_: (n_, c_ // cb, u_, v_, c_ % cb))
+        bc, bu, bv, rk, ri, rj = cm.loops_under(sch, block, uh)[-6:]
+        vo, vi = sch.split(bv, [None, ub])
+        rko, rki = sch.split(rk, [None, kb])
+        sch.reorder(bu, vo, rko, ri, rj, rki, vi, bc)
+        acc = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(acc, vo)
+        cv, cl = sch.split(bc, [None, vl])
+        if vl > 1:
+            sch.vectorize(cl)
+            sch.vectorize(sch.get_loops(acc)[-1])
+        sch.unroll(cv)
+        sch.unroll(vi)
+        sch.decompose_reduction(block, rko)
 
     # gradient packing: per task (image) or once per call
     if kn.per_image:
@@ -214,7 +248,9 @@ def schedule_dgrad(sch: Schedule, family: str, knobs: DgradKnobs | None = None) 
         sch.parallel(sch.fuse(gn, gko, gy))
     sch.parallel(sch.get_loops(wpack)[0])
     if epilogue:
-        at = planes if kn.row_tasks == 1 else None
+        # in-task partials need the task's planes written without a predicated tail (TVM
+        # derives wrong loop extents for a consumer placed after one)
+        at = planes if kn.row_tasks == 1 and not uneven else None
         cm.plane_reductions(sch, [(name, B[name]) for name in ("tile_dbeta", "tile_dgamma")], lanes, at)
     return sch
 
@@ -243,7 +279,7 @@ class DgradTemplate:
     @staticmethod
     def apply(func, family: str, knobs: DgradKnobs | None = None):
         sch = Schedule(func)
-        if "dgrad" not in cm.blocks(sch):
+        if not _phase_blocks(sch):
             return None
         return schedule_dgrad(sch, family, knobs)
 

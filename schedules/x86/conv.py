@@ -95,6 +95,7 @@ class ConvKnobs:
     unroll_taps: bool = False
     ic_chunks: int = 1
     unroll_ic: bool = False
+    batch_inner: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -199,7 +200,12 @@ def schedule_conv(sch: Schedule, family: str, knobs: ConvKnobs | None = None) ->
     ko, ki = sch.split(k, [None, ob])
     qo, qi = sch.split(q, [None, ow])
     rco, rci = sch.split(rc, [None, ib])
-    if kn.row_tasks > 1:
+    if kn.batch_inner:
+        # weight reuse across images: tasks are (oc block, image group); every image of the
+        # group is computed with the block's weights while they are in cache
+        no, n = sch.split(n, [None, kn.batch_inner])
+        outer = [ko, no, n]
+    elif kn.row_tasks > 1:
         po, p = sch.split(p, [kn.row_tasks, None])
         outer = [n, po, ko] if kn.per_image else [n, ko, po]
     else:
@@ -212,7 +218,10 @@ def schedule_conv(sch: Schedule, family: str, knobs: ConvKnobs | None = None) ->
     else:
         rcc = None
         sch.reorder(*outer, p, qo, rco, rr, rs, rci, qi, ki)
-    if kn.per_image:
+    if kn.batch_inner:
+        task = sch.fuse(ko, no)
+        planes = n
+    elif kn.per_image:
         # task: one image (or row block of one), its input packed inside the task, every
         # output-channel block computed from that packed copy while it is in cache
         task = sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0]
@@ -244,7 +253,7 @@ def schedule_conv(sch: Schedule, family: str, knobs: ConvKnobs | None = None) ->
     sch.decompose_reduction(conv, rcc if rcc is not None else rco)
 
     # input packing: per task (into a task-local workspace) or once per call, in parallel
-    if kn.per_image:
+    if kn.per_image and not kn.batch_inner:
         sch.compute_at(pad, task, preserve_unit_loops=True)
         pc, py, px = cm.loops_under(sch, pad, task)[-3:]
         pco, pci = sch.split(pc, [None, ib])

@@ -14,9 +14,10 @@ Stage names (the contract between ops and schedules):
 Backward (``conv2d_bn_backward``, ``bn_backward``):
     ``grad``         grad prologue: c1*dz + c2*x + c3, the BatchNorm input gradient
     ``grad_pad``     the gradient with the zero border the data gradient's taps read
-    ``weight_pad``   w with zero taps up to whole taps per stride phase (stride > 1 only)
-    ``dgrad``        the data gradient's reduction (conv_transpose), columns phase-major
-    ``da``           its NCHW view (the output, or inlined into ``dz``)
+    ``dgrad``        the data gradient's reduction (conv_transpose), stride 1
+    ``dgrad_{a}_{b}``  stride > 1: one reduction per stride phase pair (rows a, columns b) that
+                     taps reach, over exactly its taps
+    ``da``           the NCHW view of the phase(s) (the output, or inlined into ``dz``)
     ``dz``           BatchNorm(+ReLU) backward epilogue: da * [x*scale + shift > 0]
     ``tile_dbeta``   per (n, c) plane sum of dz
     ``tile_dgamma``  per (n, c) plane sum of dz*xhat

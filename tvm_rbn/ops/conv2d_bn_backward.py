@@ -27,13 +27,18 @@ follows it, is formed on the fly from that BatchNorm's dz and the stored raw out
 
     g = c1*dz + c2*x + c3            (per-channel c1, c2, c3 from ``bn_backward.finalize``)
 
-The data gradient is written per output phase, so strides > 1 do no work on the zeros a
-dilated gradient would hold: with ``h + ph = sh*u + v`` (u = (h+ph)//sh, v = (h+ph)%sh), the
-taps that reach input row h are r = v + i*sh, i = 0..ceil(R/sh)-1, reading gradient row
-p = u - i. The stage ``grad_pad`` holds the gradient with zero borders so every such p is in
+The data gradient is computed per stride phase, so strides > 1 do no work on the zeros a
+dilated gradient would hold, nor on taps a phase does not have: input row h = sh*u + a (phase
+a = h % sh) is reached by the taps r = r0 + i*sh with r0 = (a + ph) % sh, i = 0..T(a)-1,
+T(a) = ceil((R - r0)/sh) (0 when r0 >= R), reading gradient row p = u + (a + ph)//sh - i; the
+same for columns. One stage ``dgrad_{a}_{b}`` per phase pair (a, b) with T(a)*T(b) > 0, over
+u = 0..ceil(H/sh)-1 and v = 0..ceil(W/sw)-1 (positions past H-1 / W-1 are computed and not
+used), reduces over (k, i, j) with exactly its own taps; ``da`` gathers the phases into NCHW
+(0 where a phase has no taps). For stride 1 the one stage is named ``dgrad`` and ``da`` is its
+copy. The stage ``grad_pad`` holds the gradient with zero borders so every row p read is in
 range (rows outside 0..P-1 contribute 0, which also covers (H+2ph-R) not divisible by sh: the
-last input rows then get zero gradient from the rows no output covers); ``weight_pad`` holds
-w with zero taps for r >= R. Both are the identity, and inlined, for stride 1.
+last input rows then get zero gradient from the rows no output covers); it is the identity
+for stride 1 without padding.
 """
 from __future__ import annotations
 
@@ -75,6 +80,11 @@ class DgradLayout:
         """tap_index of position h = u*stride + t: the same for every u of phase t."""
         return tirx.floormod(t + self.pad, self.stride) + i * self.stride
 
+    def phase_taps(self, t: int) -> int:
+        """Taps that reach the positions of phase t (python int; 0 when none does)."""
+        first = (t + self.pad) % self.stride
+        return max(0, _ceil_div(self.kernel - first, self.stride))
+
 
 def grad_prologue(dz: te.Tensor, x: te.Tensor, c1: te.Tensor, c2: te.Tensor, c3: te.Tensor) -> te.Tensor:
     """Stage ``grad``: the BatchNorm input gradient c1*dz + c2*x + c3, per channel."""
@@ -110,47 +120,50 @@ def grad_pad(g: te.Tensor, rows: DgradLayout, cols: DgradLayout) -> te.Tensor:
     return te.compute((n, k, rows.padded, cols.padded), f, name="grad_pad")
 
 
-def weight_pad(w: te.Tensor, rows: DgradLayout, cols: DgradLayout) -> te.Tensor:
-    """Stage ``weight_pad``: w with zero taps up to a whole number of taps per phase.
+def _phase_sum(g_pad, w, rows: DgradLayout, cols: DgradLayout, a: int, b: int, rk, ri, rj):
+    """fcompute of phase (a, b): the taps reaching rows u*sh + a and columns v*sw + b."""
 
-    Absent (w itself) when every phase has the same number of taps (e.g. stride 1).
-    """
-    k, c, r, s = (int(d) for d in w.shape)
-    if (rows.kernel_padded, cols.kernel_padded) == (r, s):
-        return w
+    def f(n, c, u, v):
+        return te.sum(
+            g_pad[n, rk, rows.phase_grad_index(a, u, ri), cols.phase_grad_index(b, v, rj)]
+            * w[rk, c, rows.phase_tap_index(a, ri), cols.phase_tap_index(b, rj)],
+            axis=[rk, ri, rj],
+        )
+
+    return f
+
+
+def dgrad_phases(g_pad: te.Tensor, w: te.Tensor, geo: Conv2dGeometry, rows: DgradLayout, cols: DgradLayout):
+    """Stages ``dgrad`` (stride 1) or ``dgrad_{a}_{b}`` (one per phase pair with taps), and
+    ``da``, their NCHW view: da[n, c, u*sh + a, v*sw + b] = dgrad_{a}_{b}[n, c, u, v]."""
+    strided = (rows.stride, cols.stride) != (1, 1)
+    phases = {}
+    for a in range(rows.stride):
+        for b in range(cols.stride):
+            th, tw = rows.phase_taps(a), cols.phase_taps(b)
+            if th == 0 or tw == 0:
+                continue
+            rk = te.reduce_axis((0, geo.k), "rk")
+            ri = te.reduce_axis((0, th), "ri")
+            rj = te.reduce_axis((0, tw), "rj")
+
+            name = f"dgrad_{a}_{b}" if strided else "dgrad"
+            phases[(a, b)] = te.compute((geo.n, geo.c, rows.blocks, cols.blocks),
+                                        _phase_sum(g_pad, w, rows, cols, a, b, rk, ri, rj), name=name)
+    sh, sw = rows.stride, cols.stride
     zero = tirx.const(0, w.dtype)
 
-    def f(i, j, y, x):
-        return tirx.if_then_else(tirx.all(y < r, x < s), w[i, j, y, x], zero)
+    def gather(n, c, h, x):
+        if not strided:
+            return phases[(0, 0)][n, c, h, x]
+        u, v = tirx.floordiv(h, sh), tirx.floordiv(x, sw)
+        a, b = tirx.floormod(h, sh), tirx.floormod(x, sw)
+        out = zero
+        for (pa, pb), d in phases.items():
+            out = tirx.if_then_else(tirx.all(a == pa, b == pb), d[n, c, u, v], out)
+        return out
 
-    return te.compute((k, c, rows.kernel_padded, cols.kernel_padded), f, name="weight_pad")
-
-
-def dgrad_nchw(g_pad: te.Tensor, w_pad: te.Tensor, geo: Conv2dGeometry, rows: DgradLayout, cols: DgradLayout):
-    """Stages ``dgrad`` and ``da``: da = conv_transpose(g, w), one phase's taps per position.
-
-    ``dgrad`` holds the columns phase-major, dgrad[n, c, h, t, u] = da[n, c, h, u*sw + t], so a
-    vector along u reads consecutive gradient columns with one weight tap per phase (a vector
-    along w of a strided conv would mix phases). ``da`` is the NCHW view of it.
-    """
-    rk = te.reduce_axis((0, geo.k), "rk")
-    ri = te.reduce_axis((0, rows.taps), "ri")
-    rj = te.reduce_axis((0, cols.taps), "rj")
-    sw = cols.stride
-    dgrad = te.compute(
-        (geo.n, geo.c, geo.h, sw, cols.blocks),
-        lambda n, c, h, t, u: te.sum(
-            g_pad[n, rk, rows.grad_index(h, ri), cols.phase_grad_index(t, u, rj)]
-            * w_pad[rk, c, rows.tap_index(h, ri), cols.phase_tap_index(t, rj)],
-            axis=[rk, ri, rj],
-        ),
-        name="dgrad",
-    )
-    return te.compute(
-        (geo.n, geo.c, geo.h, geo.w),
-        lambda n, c, h, w: dgrad[n, c, h, tirx.floormod(w, sw), tirx.floordiv(w, sw)],
-        name="da",
-    )
+    return te.compute((geo.n, geo.c, geo.h, geo.w), gather, name="da")
 
 
 def relu_backward(da: te.Tensor, x: te.Tensor, scale: te.Tensor | None, shift: te.Tensor | None) -> te.Tensor:
@@ -217,7 +230,7 @@ def conv2d_dgrad(geo: Conv2dGeometry, dtype: str, grad_prologue_: bool, epilogue
     args.append(w)
     rows = DgradLayout(geo.h, geo.p, geo.r, geo.stride[0], geo.padding[0])
     cols = DgradLayout(geo.w, geo.q, geo.s, geo.stride[1], geo.padding[1])
-    da = dgrad_nchw(grad_pad(g, rows, cols), weight_pad(w, rows, cols), geo, rows, cols)
+    da = dgrad_phases(grad_pad(g, rows, cols), w, geo, rows, cols)
     if epilogue_relu is None:
         return args + [da]
     ep = epilogue_inputs((geo.n, geo.c, geo.h, geo.w), dtype, epilogue_relu)

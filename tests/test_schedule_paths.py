@@ -1,0 +1,134 @@
+"""The x86 templates' code paths that the per-operator tests' small shapes do not reach.
+
+The default knobs depend on the shape (schedules/x86/conv.py, backward.py): batches of 4+
+images per core pair take per-image tasks with in-task packing and in-task statistics; large
+enough (image, channel block) task counts keep the statistics in-task without them; long or
+short packed channel blocks; wgrad lanes over output or input channels, image-major or not;
+dgrad stride phases whose row count does not divide the height. Each case runs the kernel
+through the functional API (so through the default template the build uses) and compares
+every output with the references, for kernels scheduled with the default knobs and with
+alternative knobs from the candidate lists.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tvm_rbn.functional as rbn
+from tvm_rbn.ops.reference import conv2d_bn_backward as ref_convb
+
+from conftest import assert_close
+
+# (id, N, C, H, W, K, R, stride, padding)
+SHAPES = [
+    ("per-image-3x3", 4, 20, 9, 9, 48, 3, 1, 1),
+    ("per-image-long-blocks", 4, 64, 6, 6, 64, 3, 1, 1),  # K*R*S >= 512: 64-channel blocks
+    ("stride3-uneven-rows", 4, 20, 10, 6, 32, 3, 3, 0),  # 10 % 3 != 0
+    ("stride2-1x1-reduce", 4, 48, 8, 8, 16, 1, 2, 0),  # wgrad lanes over K
+    ("tasks-in-task-stats", 2, 256, 5, 5, 256, 3, 1, 1),  # 2 images x 8 channel blocks: 16 tasks
+]
+IDS = [s[0] for s in SHAPES]
+
+
+def _coeffs(c, dtype):
+    invstd = torch.rand(c, dtype=dtype) + 0.5
+    scale = invstd * (torch.rand(c, dtype=dtype) + 0.5)
+    return rbn.BNCoefficients(scale, torch.randn(c, dtype=dtype) - 0.3, torch.randn(c, dtype=dtype), invstd)
+
+
+def _out_hw(h, w, r, stride, padding):
+    return (h + 2 * padding - r) // stride + 1, (w + 2 * padding - r) // stride + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_forward_paths(shape, dtype):
+    _, n, c, h, w, k, r, stride, padding = shape
+    x = torch.randn(n, c, h, w, dtype=dtype)
+    weight = torch.randn(k, c, r, r, dtype=dtype) / (c * r * r) ** 0.5
+    co = _coeffs(c, dtype)
+    with torch.no_grad():
+        y, tile_sum, tile_m2 = rbn.bn_relu_conv2d_stats(x, co.scale, co.shift, weight, stride, padding)
+    a = torch.relu(x * co.scale[:, None, None] + co.shift[:, None, None])
+    ref = F.conv2d(a, weight, stride=stride, padding=padding)
+    assert_close(y, ref, "y")
+    ref_sum = ref.sum((2, 3))
+    ref_m2 = ((ref - ref.mean((2, 3), keepdim=True)) ** 2).sum((2, 3))
+    plane = float(ref.abs().sum() / (n * k))
+    assert_close(tile_sum, ref_sum, "tile_sum", scale=plane)
+    assert_close(tile_m2, ref_m2, "tile_m2", scale=float(ref_m2.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_backward_paths(shape, dtype):
+    _, n, c, h, w, k, r, stride, padding = shape
+    p, q = _out_hw(h, w, r, stride, padding)
+    weight = torch.randn(k, c, r, r, dtype=dtype)
+    grad = rbn.DeferredGrad(torch.randn(n, k, p, q, dtype=dtype), torch.randn(n, k, p, q, dtype=dtype),
+                            torch.rand(k, dtype=dtype) + 0.5, torch.randn(k, dtype=dtype) * 0.1,
+                            torch.randn(k, dtype=dtype))
+    x_raw = torch.randn(n, c, h, w, dtype=dtype)
+    co = _coeffs(c, dtype)
+    with torch.no_grad():
+        dz, tile_dbeta, tile_dgamma = rbn.conv2d_dgrad_bn_relu(grad, weight, x_raw, co, stride, padding)
+        dw = rbn.bn_relu_conv2d_wgrad(grad, x_raw, co.scale, co.shift, (r, r), stride, padding)
+    ref_dz, ref_dbeta, ref_dgamma = ref_convb.conv2d_dgrad(
+        grad, weight, x_raw, co.scale, co.shift, co.mean, co.invstd, (h, w), stride, padding, True)
+    assert_close(dz, ref_dz, "dz")
+    plane = float(ref_dz.abs().sum() / (n * c))
+    assert_close(tile_dbeta, ref_dbeta, "tile_dbeta", scale=plane)
+    assert_close(tile_dgamma, ref_dgamma, "tile_dgamma", scale=plane * 4)
+    ref_dw = ref_convb.conv2d_wgrad(grad, x_raw, co.scale, co.shift, (r, r), stride, padding, True)
+    assert_close(dw, ref_dw, "dw")
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=IDS[:3])
+def test_knob_candidates_compile_and_agree(shape, tmp_path):
+    """A few alternatives from each candidate list give the default's results (the knobs a
+    tuner samples must all be valid)."""
+    pytest.importorskip("tvm")
+    import tvm
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    from tvm_rbn.build.target import host_family, host_tvm_target
+    from tvm_rbn.kernels import KernelSpec
+    from tvm_rbn.runtime import load_module
+    from tvm_rbn.schedules.x86 import backward as bw
+    from tvm_rbn.schedules.x86 import conv as cv
+
+    _, n, c, h, w, k, r, stride, padding = shape
+    common = dict(n=n, c=c, h=h, w=w, k=k, r=r, s=r, stride=(stride, stride), padding=(padding, padding),
+                  dtype="float32")
+    family = host_family()
+    kinds = [
+        (KernelSpec.make("conv2d_fused", **common, prologue_relu=True, stats=True), cv.conv_shape,
+         cv.knob_candidates, cv.schedule_conv),
+        (KernelSpec.make("conv2d_dgrad", **common, grad_prologue=True, epilogue_relu=True), bw.dgrad_shape,
+         bw.dgrad_knob_candidates, bw.schedule_dgrad),
+        (KernelSpec.make("conv2d_wgrad", **common, grad_prologue=True, prologue_relu=True), bw.wgrad_shape,
+         bw.wgrad_knob_candidates, bw.schedule_wgrad),
+    ]
+    for spec, shape_of, candidates, schedule in kinds:
+        func = te.create_prim_func(spec.build_args())
+        cands = candidates(shape_of(Schedule(func), family))
+        picked = [cands[0]] + cands[1::max(1, len(cands) // 3)][:3]
+        outs = []
+        torch.manual_seed(0)
+        args = [torch.randn(*[int(d) for d in t.shape]) if isinstance(t.op, te.PlaceholderOp)
+                else torch.zeros(*[int(d) for d in t.shape]) for t in spec.build_args()]
+        n_out = sum(1 for t in spec.build_args() if not isinstance(t.op, te.PlaceholderOp))
+        for i, knobs in enumerate(picked):
+            sch = schedule(Schedule(func), family, knobs)
+            lib = tvm.compile(tvm.IRModule({"k": sch.mod["main"].with_attr("global_symbol", "k")}),
+                              target=host_tvm_target())
+            path = tmp_path / f"{spec.op}_{i}.so"
+            lib.export_library(str(path))
+            run = [a.clone() for a in args]
+            load_module(path)["k"](*run)
+            outs.append(run[-n_out:])
+        for got, knobs in zip(outs[1:], picked[1:]):
+            for g, e in zip(got, outs[0]):
+                assert_close(g, e, f"{spec.op} with {knobs}", scale=max(1.0, float(e.abs().max())))
