@@ -7,7 +7,7 @@ A template is a class whose ``apply(func, target_family)`` returns a scheduled
 from __future__ import annotations
 
 # Bumped whenever a template changes what it generates: part of every cache key.
-SCHEDULE_VERSION = "x86-default-8"
+SCHEDULE_VERSION = "x86-default-9"
 
 
 def templates_for(family: str) -> list:
@@ -27,18 +27,30 @@ def default_schedule(func, family: str):
     raise RuntimeError(f"no schedule template applies to this kernel on {family}")
 
 
-def search_space(family: str):
-    """The MetaSchedule search space (space generator) for a target family.
+def design_spaces(func, family: str, klass: str | None = None, limit: int | None = None) -> list:
+    """A convolution kernel's knob settings as annotated schedules (default first); [] for
+    other kernels or families without knob templates."""
+    if family.startswith("x86"):
+        from .x86.space import design_spaces as x86_spaces
 
-    x86: MetaSchedule's post-order-apply over its default CPU rules (multi-level tiling,
-    inlining, parallelize/vectorize/unroll). CUDA: the default GPU rules (tiling bound to
-    blocks/threads, shared-memory staging, unrolling), with two changes: no cross-thread
+        return x86_spaces(func, family, klass, limit)
+    return []
+
+
+def search_space(family: str, klass: str | None = None):
+    """The MetaSchedule search space (space generator) of a convolution kernel for a family.
+
+    x86: the designed templates' knob settings (``x86/space.py``), each design space
+    annotated with its knobs and `klass`, the kernel's structure class. CUDA: the default GPU
+    rules (tiling bound to blocks/threads, shared-memory staging, unrolling), with two
+    changes: no cross-thread
     reduction, which cannot schedule our kernels (their conv output is both a result and the
-    input of the statistics epilogue), and no virtual threads in the tiling. Designed per-kernel templates can replace a rule per block through
-    the ``schedule_rule`` annotation (MetaSchedule's ApplyCustomRule).
+    input of the statistics epilogue), and no virtual threads in the tiling.
     """
     if family.startswith("x86"):
-        return "post-order-apply"
+        from .x86.space import schedule_fn
+
+        return schedule_fn(family, klass)
     if family.startswith("cuda"):
         from tvm.s_tir import meta_schedule as ms
         from tvm.s_tir.meta_schedule.schedule_rule import MultiLevelTiling, ReuseType

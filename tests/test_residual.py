@@ -26,10 +26,10 @@ def _coeffs(c, dtype):
                               torch.randn(c, dtype=dtype), invstd)
 
 
+@pytest.mark.parametrize("shape", [(3, 10, 5, 7), (4, 10, 1, 1)], ids=["5x7", "1x1-planes"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
 @pytest.mark.parametrize("second_bn", [False, True], ids=["identity", "projection-bn"])
-def test_kernels_match_reference(second_bn, dtype):
-    shape = (3, 10, 5, 7)
+def test_kernels_match_reference(second_bn, dtype, shape):
     y, other = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
     co, co2 = _coeffs(10, dtype), _coeffs(10, dtype)
     if second_bn:

@@ -18,18 +18,23 @@ from tvm_rbn.kernels import KernelSpec
 from tvm_rbn.runtime.library import KernelLibrary
 from tvm_rbn.tuning import records
 from tvm_rbn.tuning.records import TuningLogError
+from tvm_rbn.tuning.tasks import structure_class, workload_mod
 from tvm_rbn.tuning.tune import tune_specs
 
 from conftest import assert_close
 
 SPEC = KernelSpec.make("conv2d_fused", n=1, c=8, h=8, w=8, k=8, r=3, s=3, stride=(1, 1), padding=(1, 1),
                        dtype="float32", prologue_relu=True, stats=False)
+# the same structure but for its input channels: tuned through SPEC, never on its own
+SIBLING = KernelSpec.make("conv2d_fused", n=1, c=16, h=8, w=8, k=8, r=3, s=3, stride=(1, 1), padding=(1, 1),
+                          dtype="float32", prologue_relu=True, stats=False)
 
 
 @pytest.fixture(scope="module")
 def tuned_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("logs") / host_family()
-    report = tune_specs([(SPEC, 1.0)], folder, trials=2, trials_per_batch=2)
+    report = tune_specs([(SPEC, 1.0), (SIBLING, 0.5)], folder, trials=2, trials_per_batch=2)
+    assert report.tasks == 1, "kernels of one structure class are one tuning task"
     assert report.trials == 2
     return folder
 
@@ -47,6 +52,52 @@ def test_tune_then_build_applies_the_records(tuned_folder, tmp_path):
     fn(x, scale, shift, w, y)
     ref = F.conv2d(torch.relu(x * scale[:, None, None] + shift[:, None, None]), w, padding=1)
     assert_close(y, ref, "tuned kernel output")
+
+
+def test_records_carry_their_knobs_and_a_sibling_builds_from_them(tuned_folder, tmp_path):
+    from tvm_rbn.schedules.x86.space import knobs_of
+
+    db = records.load(tuned_folder, host_family())
+    annotations = [knobs_of(rec.trace) for rec in db.get_all_tuning_records()]
+    assert all(a is not None and a["template"] == "conv" for a in annotations), annotations
+    assert {a["class"] for a in annotations} == {structure_class(SPEC)} == {structure_class(SIBLING)}
+    assert len({json.dumps(a["knobs"], sort_keys=True) for a in annotations}) == 3, "a setting was measured twice"
+    manifest = compile_library([SIBLING], tmp_path, tuning_logs=tuned_folder)
+    assert manifest["kernels"][0]["schedule"] == "class"
+    fn = KernelLibrary(tmp_path).function(SIBLING.symbol)
+    x, w = torch.randn(1, 16, 8, 8), torch.randn(8, 16, 3, 3)
+    scale, shift = torch.rand(16) + 0.5, torch.randn(16)
+    y = torch.empty(1, 8, 8, 8)
+    fn(x, scale, shift, w, y)
+    ref = F.conv2d(torch.relu(x * scale[:, None, None] + shift[:, None, None]), w, padding=1)
+    assert_close(y, ref, "kernel built from its class's knobs")
+
+
+OPS = {
+    "conv": KernelSpec.make("conv2d_fused", n=2, c=32, h=8, w=8, k=32, r=3, s=3, stride=(1, 1), padding=(1, 1),
+                            dtype="float32", prologue_relu=True, stats=True),
+    "dgrad": KernelSpec.make("conv2d_dgrad", n=2, c=32, h=8, w=8, k=32, r=3, s=3, stride=(2, 2), padding=(1, 1),
+                             dtype="float32", grad_prologue=True, epilogue_relu=True),
+    "wgrad": KernelSpec.make("conv2d_wgrad", n=2, c=32, h=8, w=8, k=32, r=1, s=1, stride=(1, 1), padding=(0, 0),
+                             dtype="float32", grad_prologue=True, prologue_relu=True),
+}
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_knob_space_is_every_valid_setting_default_first(op):
+    from tvm_rbn.schedules import default_schedule, design_spaces
+    from tvm_rbn.schedules.x86.space import knobs_of
+
+    func = workload_mod(OPS[op])["main"]
+    spaces = design_spaces(func, "x86-avx512", "k")
+    settings = [json.dumps(knobs_of(s.trace)["knobs"], sort_keys=True) for s in spaces]
+    assert len(spaces) > 2 and len(set(settings)) == len(settings)
+    import tvm_ffi
+
+    default = default_schedule(func, "x86-avx512").mod["main"].body.block
+    first = spaces[0].mod["main"].body.block  # the root block, annotated with its knobs
+    assert "tvm_rbn.knobs" in first.annotations
+    assert tvm_ffi.structural_equal(first.body, default.body), "the first setting is the default"
 
 
 def test_rerun_resumes_without_new_trials(tuned_folder):

@@ -45,6 +45,9 @@ def _plane_sum_at(sch: Schedule, block, plane, lanes: int) -> None:
     """A per-plane reduction [n, c, rh, rw] under the plane loop, as `lane` interleaved partials."""
     _, _, rh, rw = sch.get_loops(block)
     size = _extent(sch, rh) * _extent(sch, rw)
+    if size == 1:  # 1x1 planes: nothing to split
+        sch.reverse_compute_at(block, plane, preserve_unit_loops=True)
+        return
     lane = _divisor(size, lanes)
     _, li = sch.split(sch.fuse(rh, rw), [None, lane])
     rf = sch.rfactor(li, factor_axis=2)
@@ -60,8 +63,8 @@ def _plane_sum_at(sch: Schedule, block, plane, lanes: int) -> None:
     lane_var = region[2].min
     order += [i for i, iv in enumerate(sblock.iter_vars) if iv.var.same_as(lane_var)]
     sch.reorder_block_iter_var(rf, order)
-    sch.reverse_compute_at(rf, plane)
-    sch.reverse_compute_at(block, plane)
+    sch.reverse_compute_at(rf, plane, preserve_unit_loops=True)
+    sch.reverse_compute_at(block, plane, preserve_unit_loops=True)
     loops = sch.get_loops(rf)
     if lane > 1:
         sch.vectorize(loops[-1])
@@ -83,7 +86,7 @@ class ResidualBackwardTemplate:
         _vectorize_row(sch, dz, lanes)
         for name in ("grad_y", "grad_y2", "grad_identity"):
             if name in blocks:
-                sch.reverse_compute_at(blocks[name], plane)
+                sch.reverse_compute_at(blocks[name], plane, preserve_unit_loops=True)
                 _vectorize_row(sch, blocks[name], lanes)
         for name in ("tile_dbeta", "tile_dgamma", "tile_dgamma2"):
             if name in blocks:

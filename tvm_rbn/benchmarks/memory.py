@@ -143,13 +143,14 @@ def _max_rss() -> int:
 
 def _build_library(args) -> str:
     """Build (or find in the cache) one library with every kernel of the restructured step."""
+    from ..build import provider
     from ..build.compile import build_cached
     from ..build.workloads import extract
 
     model, x, _ = _build(args.model, args.batch, args.size, getattr(torch, args.dtype), args.num_classes)
     specs = [spec for spec, _ in extract(model, tuple(x.shape), dtype=x.dtype)]
     start = time.perf_counter()
-    path = build_cached(specs)
+    path = build_cached(specs, provider.tuning_logs())
     print(f"kernel library: {len(specs)} kernels, {time.perf_counter() - start:.0f} s (cached: {path})", flush=True)
     return str(path)
 

@@ -1,7 +1,9 @@
 """Specs -> scheduled PrimFuncs -> one runtime module -> exported library + manifest.
 
-A kernel with a record in the tuning-log folder is built from its best tuned schedule; every
-other kernel from the default template of its target family.
+A kernel with a record in the tuning-log folder is built from its best tuned schedule; a
+convolution kernel without one, from the best knob setting tuned for a kernel of its structure
+class (``tuning.tasks.structure_class``) when that setting fits it; every other kernel from the
+default template of its target family.
 """
 from __future__ import annotations
 
@@ -15,17 +17,26 @@ from .target import host_description, host_family, host_tvm_target
 
 
 def lower_spec(spec: KernelSpec, family: str, database=None, target=None):
-    """(scheduled PrimFunc named by the spec's symbol, tuned?) for one kernel."""
+    """(scheduled PrimFunc named by the spec's symbol, how: "tuned" | "class" | None) for one
+    kernel: its own best record, its structure class's best knobs, or the default template."""
     from tvm_rbn.schedules import default_schedule
 
-    from ..tuning.tasks import is_tunable, workload_mod
+    from ..tuning.records import class_knobs
+    from ..tuning.tasks import is_tunable, structure_class, workload_mod
 
+    func = spec.prim_func().with_attr("global_symbol", spec.symbol)
     if database is not None and is_tunable(spec):
         sch = database.query_schedule(workload_mod(spec), target, "main")
         if sch is not None:
-            return sch.mod["main"].with_attr("global_symbol", spec.symbol), True
-    func = spec.prim_func().with_attr("global_symbol", spec.symbol)
-    return default_schedule(func, family).mod["main"].with_attr("global_symbol", spec.symbol), False
+            return sch.mod["main"].with_attr("global_symbol", spec.symbol), "tuned"
+        knobs = class_knobs(database).get(structure_class(spec))
+        if knobs is not None:
+            from tvm_rbn.schedules.x86.space import apply_knobs
+
+            sch = apply_knobs(func, family, knobs)
+            if sch is not None:
+                return sch.mod["main"].with_attr("global_symbol", spec.symbol), "class"
+    return default_schedule(func, family).mod["main"].with_attr("global_symbol", spec.symbol), None
 
 
 def compile_library(specs: list[KernelSpec], out_dir: Path, family: str | None = None, target=None,
@@ -58,8 +69,8 @@ def compile_library(specs: list[KernelSpec], out_dir: Path, family: str | None =
         "tuning_logs": str(tuning_logs) if database is not None else None,
         "build_seconds": round(time.perf_counter() - start, 3),
         "kernels": [
-            {"symbol": sym, "spec": json.loads(unique[sym].key), "tuned": tuned}
-            for sym, (_, tuned) in lowered.items()
+            {"symbol": sym, "spec": json.loads(unique[sym].key), "tuned": how is not None, "schedule": how or "default"}
+            for sym, (_, how) in lowered.items()
         ],
     }
     (out_dir / cache.MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))

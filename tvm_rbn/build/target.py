@@ -63,3 +63,19 @@ def host_tvm_target():
     return tvm.target.Target(
         {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": host_cores()}
     )
+
+
+# LLVM CPUs that stand for a family when tuning or building for it on another x86 host
+# (an AVX-512 machine measures AVX2 code faithfully: the same cores, narrower vectors).
+FAMILY_CPUS = {"x86-avx2": "haswell", "x86-avx512": "skylake-avx512"}
+
+
+def family_tvm_target(family: str):
+    """The TVM target for `family`: the host's own CPU when it is of that family."""
+    import tvm
+
+    if family == host_family():
+        return host_tvm_target()
+    if family not in FAMILY_CPUS:
+        raise ValueError(f"no CPU target for family {family!r}; known: {sorted(FAMILY_CPUS)}")
+    return tvm.target.Target({"kind": "llvm", "mcpu": FAMILY_CPUS[family], "num-cores": host_cores()})

@@ -151,3 +151,34 @@ def publish(scratch: Path, path: Path) -> None:
         shutil.copyfile(scratch / name, tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path / name)
+
+
+_class_knobs_memo: dict[int, dict] = {}
+
+
+def class_knobs(database) -> dict[str, dict]:
+    """structure class -> the knob annotation of its best record: per class, the most-tuned
+    workload's fastest record (run times of different workloads do not compare)."""
+    memo = _class_knobs_memo.get(id(database))
+    if memo is not None and memo[0] is database:
+        return memo[1]
+    import tvm_ffi
+
+    from tvm_rbn.schedules.x86.space import knobs_of
+
+    per_workload: dict[tuple[str, int], list] = {}
+    for rec in database.get_all_tuning_records():
+        if not rec.run_secs:
+            continue
+        knobs = knobs_of(rec.trace)
+        if not knobs or "class" not in knobs:
+            continue
+        secs = sum(float(t) for t in rec.run_secs) / len(rec.run_secs)
+        per_workload.setdefault((knobs["class"], tvm_ffi.structural_hash(rec.workload.mod)), []).append((secs, knobs))
+    best: dict[str, tuple[int, dict]] = {}
+    for (klass, _), rows in per_workload.items():
+        if klass not in best or len(rows) > best[klass][0]:
+            best[klass] = (len(rows), min(rows, key=lambda r: r[0])[1])
+    out = {klass: knobs for klass, (_, knobs) in best.items()}
+    _class_knobs_memo[id(database)] = (database, out)
+    return out

@@ -30,3 +30,14 @@ def flops(spec: KernelSpec) -> float:
     out_h = (p["h"] + 2 * ph - p["r"]) // sh + 1
     out_w = (p["w"] + 2 * pw - p["s"]) // sw + 1
     return 2.0 * p["n"] * p["k"] * p["c"] * p["r"] * p["s"] * out_h * out_w
+
+
+def structure_class(spec: KernelSpec) -> str:
+    """Kernels one knob setting of a template fits, tuned once: the spec without its input
+    channel count and channel-slice views (e.g. DenseNet's 1x1 convolutions of one block)."""
+    import json
+
+    d = json.loads(spec.key)
+    for varying in ("c", "views"):
+        d.pop(varying, None)
+    return json.dumps(d, sort_keys=True)

@@ -10,6 +10,13 @@ time budget, whichever comes first; after every measured batch the records are p
 the folder (atomic rename), so a run that is interrupted loses at most its current batch, and
 running the same command again resumes: trials already recorded for a workload count against
 its budget, and the search starts from the best records.
+
+x86: the search space is the designed templates' knob settings (``schedules/x86/space.py``),
+searched by MetaSchedule's evolutionary search with its XGBoost cost model. Kernels of the
+same structure (``structure_class``: equal but for their input channels and channel-slice
+views) are tuned once, as the class's heaviest kernel with the class's summed weight; the
+build gives the others the best setting found (``build.compile``). CUDA: MetaSchedule's own
+rule-based space, every kernel a task.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from pathlib import Path
 from ..build.target import host_cores, host_family
 from ..kernels import KernelSpec
 from . import records
-from .tasks import flops, is_tunable, workload_mod
+from .tasks import flops, is_tunable, structure_class, workload_mod
 
 
 @dataclass
@@ -96,6 +103,7 @@ def tune_specs(
     if records.has_records(out):
         records.validate(out, family)  # never tune on top of a folder we would refuse to apply
     scratch = records.scratch_copy(out)
+    weighted_specs = {spec.symbol: spec for spec, _ in weighted}
     start = time.perf_counter()
     try:
         db = ms.database.JSONDatabase(str(scratch / records.WORKLOADS), str(scratch / records.RECORDS))
@@ -104,12 +112,15 @@ def tune_specs(
         for rec in db.get_all_tuning_records():
             key = tvm_ffi.structural_hash(rec.workload.mod)
             existing[key] = existing.get(key, 0) + 1
-        for spec, weight in weighted:
+        knob_space = not family.startswith("cuda")
+        for spec, weight, members in (by_class(weighted) if knob_space else [(s, w, 1) for s, w in weighted]):
             mod = workload_mod(spec)
             done = existing.get(tvm_ffi.structural_hash(mod), 0)
-            report_rows.append({"symbol": spec.symbol, "op": spec.op, "weight": weight, "trials_before": done})
-            tasks.append(ms.TuneContext(mod=mod, target=target, space_generator=_space(family),
-                                        search_strategy="evolutionary", task_name=spec.symbol,
+            report_rows.append({"symbol": spec.symbol, "op": spec.op, "weight": weight, "kernels": members,
+                                "trials_before": done})
+            klass = structure_class(spec) if knob_space else None
+            tasks.append(ms.TuneContext(mod=mod, target=target, space_generator=_space(family, klass),
+                                        search_strategy=_strategy(family), task_name=spec.symbol,
                                         num_threads=host_cores()))
             weights.append(weight)
         already = sum(r["trials_before"] for r in report_rows)
@@ -123,7 +134,9 @@ def tune_specs(
         fresh = [i for i, row in enumerate(report_rows) if row["trials_before"] == 0]
         if fresh and not family.startswith("cuda"):
             stream.write(f"measuring the default schedules of {len(fresh)} kernels first\n")
-            measured_ok = _seed_with_defaults(db, [tasks[i].mod for i in fresh], family, target, builder, runner)
+            measured_ok = _seed_with_defaults(db, [tasks[i].mod for i in fresh],
+                                              [structure_class(weighted_specs[tasks[i].task_name]) for i in fresh],
+                                              family, target, builder, runner)
             for i, ok in zip(fresh, measured_ok):
                 report_rows[i]["default_measured"] = ok
         records.publish(scratch, out)
@@ -143,15 +156,18 @@ def tune_specs(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _seed_with_defaults(db, mods: list, family: str, target, builder, runner) -> list[bool]:
+def _seed_with_defaults(db, mods: list, classes: list, family: str, target, builder, runner) -> list[bool]:
     """Measure each kernel's default-template schedule and record it, so the best record of a
     workload is never slower than what an untuned build would use. One builder and one runner
     batch for all kernels; per kernel, False if its default failed to build or run."""
     from tvm.s_tir import meta_schedule as ms
 
-    from tvm_rbn.schedules import default_schedule
+    from tvm_rbn.schedules import default_schedule, design_spaces
 
-    schedules = [default_schedule(mod["main"], family) for mod in mods]
+    schedules = []
+    for mod, klass in zip(mods, classes):
+        spaces = design_spaces(mod["main"], family, klass, limit=1)  # the default knobs, annotated
+        schedules.append(spaces[0] if spaces else default_schedule(mod["main"], family))
     built = builder.build([ms.builder.BuilderInput(sch.mod, target) for sch in schedules])
     device = "cpu" if target.kind.name == "llvm" else target.kind.name
     args_infos = [ms.arg_info.ArgInfo.from_prim_func(mod["main"]) for mod in mods]
@@ -169,10 +185,36 @@ def _seed_with_defaults(db, mods: list, family: str, target, builder, runner) ->
     return ok
 
 
-def _space(family: str):
+def by_class(weighted: list[tuple[KernelSpec, float]]) -> list[tuple[KernelSpec, float, int]]:
+    """One task per structure class: (its heaviest kernel, the class's total weight, members)."""
+    classes: dict[str, list[tuple[KernelSpec, float]]] = {}
+    for spec, weight in weighted:
+        classes.setdefault(structure_class(spec), []).append((spec, weight))
+    out = []
+    for members in classes.values():
+        head = max(members, key=lambda m: (m[1], m[0].symbol))[0]
+        out.append((head, sum(w for _, w in members), len(members)))
+    return out
+
+
+def _space(family: str, klass: str | None):
     from tvm_rbn.schedules import search_space
 
-    return search_space(family)
+    return search_space(family, klass)
+
+
+def _strategy(family: str):
+    """x86: the knob space has no decisions to mutate, so no genetic rounds: each batch samples
+    the settings, the cost model ranks the unmeasured ones, the best (and 10% random) are
+    measured. CUDA: MetaSchedule's evolutionary search with smaller populations than its
+    default (2048 candidates per batch starve a 2-core machine)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if family.startswith("cuda"):
+        return ms.search_strategy.EvolutionarySearch(population_size=256, init_min_unmeasured=32,
+                                                     genetic_num_iters=2)
+    return ms.search_strategy.EvolutionarySearch(population_size=160, init_measured_ratio=0.1,
+                                                 init_min_unmeasured=1, genetic_num_iters=0, eps_greedy=0.1)
 
 
 def tune(model, input_shape, *, out: str | os.PathLike | None = None, family: str | None = None,
