@@ -82,10 +82,21 @@ def _build(args) -> int:
         from tvm_rbn.tuning import records
 
         provider.set_tuning_logs(records.folder(host_family(), args.logs))
-    out = build_for_model(_model(args), _shape(args), out_dir=args.out, tuning_logs=provider.tuning_logs())
+    if args.measure:
+        print("building, then timing each BatchNorm's kernels against PyTorch's conv + BN + ReLU "
+              f"(median of {args.reps} alternating reps; --no-measure skips this)", flush=True)
+    out = build_for_model(_model(args), _shape(args), out_dir=args.out, tuning_logs=provider.tuning_logs(),
+                          measure=args.measure, reps=args.reps, margin=args.margin)
     manifest = json.loads((out / "manifest.json").read_text())
     tuned = sum(k["tuned"] for k in manifest["kernels"])
     print(f"{len(manifest['kernels'])} kernels ({tuned} tuned) for {args.model} at {_shape(args)} -> {out}")
+    layers = manifest.get("layers")
+    if layers:
+        slower = {name: row for name, row in layers.items() if row["choice"] == "pytorch"}
+        print(f"per layer: {len(layers) - len(slower)} of {len(layers)} restructured BatchNorms run tvm_rbn kernels; "
+              f"{len(slower)} run in PyTorch (measured slower by more than {100 * args.margin:.0f}%)"
+              + ("".join(f"\n  {name}: ours {row['ours_ms']:.2f} ms vs PyTorch {row['torch_ms']:.2f} ms"
+                         for name, row in slower.items())))
     print(f"train with: tvm_rbn.restructure(model, library={str(out)!r})")
     return 0
 
@@ -138,10 +149,18 @@ def main(argv=None) -> int:
     p.set_defaults(run=_tune)
     p = sub.add_parser("build", help="build one kernel library for a model and input shape",
                        description="Build every kernel MODEL needs at the input shape into one shared library "
-                                   "(tuned where the tuning logs have records), with a manifest.")
+                                   "(tuned where the tuning logs have records), with a manifest; then time each "
+                                   "BatchNorm's kernels against PyTorch on this machine and record, per layer, "
+                                   "which runs (restructure(model, library=...) follows it).")
     _model_args(p)
     p.add_argument("--logs", default=None, help="tuning-log root (default: the project's tuning_logs/)")
     p.add_argument("--out", default=None, help="folder for kernels.so + manifest.json (default: the cache)")
+    p.add_argument("--no-measure", dest="measure", action="store_false",
+                   help="skip the per-layer decision (default: time each BatchNorm's kernels against PyTorch's "
+                        "conv + BN + ReLU on this machine; layers where ours are slower run in PyTorch)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per kernel and side (default 5)")
+    p.add_argument("--margin", type=float, default=0.03,
+                   help="a layer runs in PyTorch when ours take more than (1 + margin) x its time (default 0.03)")
     p.set_defaults(run=_build)
     p = sub.add_parser("demo", help="train a restructured model next to the unchanged PyTorch model")
     _model_args(p)

@@ -144,6 +144,11 @@ class _Case:
         else:
             args = grad_args + [self.x] + ([self.scale, self.shift] if p["prologue_relu"] is not None else [])
             args += [new(g.k, g.c, g.r, g.s)]
+        for index, total in p.get("views") or ():  # channel slices of a wider buffer (DenseNet blocks)
+            t = args[index]
+            buffer = t.new_zeros(t.shape[0], total, *t.shape[2:])
+            args[index] = buffer[:, total - t.shape[1]:]
+            args[index].copy_(t)
         return lambda: fn(*args)
 
     # --- PyTorch ---------------------------------------------------------------------------

@@ -76,10 +76,10 @@ def _trace(module: nn.Module):
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
-def _restructure(module: nn.Module, prefix: str) -> tuple[nn.Module, list[BNDecision]]:
+def _restructure(module: nn.Module, prefix: str, fallback: dict[str, str]) -> tuple[nn.Module, list[BNDecision]]:
     gm, why = _trace(module)
     if gm is not None:
-        return gm, rewrite(gm, prefix)
+        return gm, rewrite(gm, prefix, fallback)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return module, [BNDecision(prefix.rstrip("."), False, f"inside a module that torch.fx cannot trace ({why})")]
     if not list(module.children()):
@@ -89,13 +89,13 @@ def _restructure(module: nn.Module, prefix: str) -> tuple[nn.Module, list[BNDeci
     shell._modules = dict(module._modules)
     decisions = []
     for name, child in module.named_children():
-        new, child_decisions = _restructure(child, f"{prefix}{name}.")
+        new, child_decisions = _restructure(child, f"{prefix}{name}.", fallback)
         shell._modules[name] = new
         decisions += child_decisions
     return shell, decisions
 
 
-def restructure(model: nn.Module, *, target=None, tuning_logs=None, library=None) -> nn.Module:
+def restructure(model: nn.Module, *, target=None, tuning_logs=None, library=None, fallback=None) -> nn.Module:
     """Return `model` with its BatchNorm2d layers restructured onto tvm_rbn's fused kernels.
 
     The result shares parameters and buffers with `model` (same names, same tensors), so
@@ -103,7 +103,14 @@ def restructure(model: nn.Module, *, target=None, tuning_logs=None, library=None
     means the device of the model's parameters (the host CPU); `tuning_logs` is a tuning-log
     folder (or a root holding one per target family) whose records kernels are built from,
     instead of the records committed with tvm_rbn; `library` is a prebuilt kernel library
-    folder, used as is.
+    folder, used as is, including its per-layer decisions: the BatchNorms that its build
+    measured slower than PyTorch (``build_for_model(..., measure=True)``) stay in PyTorch
+    with the convs that produce their inputs.
+
+    `fallback`: BatchNorms to leave in PyTorch the same way, by qualified name (as in
+    ``model.named_modules()``): an iterable of names, or {name: reason} for the report. A name
+    inside a DenseNet block leaves the whole block in PyTorch (its buffer holds all layers
+    or none).
     """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if target not in (None, "cpu", "llvm") or device.type != "cpu":
@@ -119,9 +126,11 @@ def restructure(model: nn.Module, *, target=None, tuning_logs=None, library=None
         if records.has_records(folder):
             records.validate(folder, host_family())  # a bad log is refused before anything runs
         provider.set_tuning_logs(folder)
+    pytorch: dict[str, str] = {}  # BatchNorm name -> why it stays in PyTorch
     if library is not None:
-        provider.add_library(library)
-    new, decisions = _restructure(model, "")
+        pytorch.update(measured_fallback(provider.add_library(library).manifest))
+    pytorch.update(_forced(model, fallback))
+    new, decisions = _restructure(model, "", pytorch)
     new.train(model.training)
     by_name = {d.name: d for d in decisions}
     entries = Report()
@@ -134,6 +143,39 @@ def restructure(model: nn.Module, *, target=None, tuning_logs=None, library=None
     object.__setattr__(new, _REPORT_ATTR, entries)
     new.register_forward_hook(_warn_untuned)
     return new
+
+
+FORCED = "left in PyTorch by restructure(fallback=...)"
+
+
+def _forced(model: nn.Module, fallback) -> dict[str, str]:
+    if fallback is None:
+        return {}
+    if isinstance(fallback, str):
+        raise TypeError("fallback: an iterable of BatchNorm names (or {name: reason}), not one string")
+    reasons = dict(fallback) if isinstance(fallback, dict) else dict.fromkeys(fallback, FORCED)
+    names = {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    unknown = sorted(set(reasons) - names)
+    if unknown:
+        raise ValueError(f"fallback names no BatchNorm of this model: {', '.join(unknown)}")
+    return reasons
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
+def measured_fallback(manifest: dict) -> dict[str, str]:
+    """{BatchNorm name: reason} for the layers a library's build measured slower than PyTorch
+    (the manifest's "layers" rows with choice "pytorch"; see tvm_rbn.build.measure)."""
+    out = {}
+    for name, row in manifest.get("layers", {}).items():
+        if row.get("choice") != "pytorch":
+            continue
+        per = f" (decided per dense block {row['dense_block']})" if row.get("dense_block") else ""
+        out[name] = (f"measured slower at build{per}: ours {_ms(row['ours_ms'])} ms vs PyTorch "
+                     f"{_ms(row['torch_ms'])} ms")
+    return out
 
 
 def report(model: nn.Module) -> Report:

@@ -444,10 +444,16 @@ def _consistent(m: DenseMatch, modules: dict) -> bool:
 
 
 def rewrite_dense_blocks(gm: fx.GraphModule, prefix: str, modules: dict, calls: dict, is_relu, conv_unsupported,
-                         decision_cls) -> tuple[list, dict]:
+                         decision_cls, fallback: dict | None = None) -> tuple[list, dict]:
     """Replace each recognized dense block by one RBNDenseBlock node. Returns the decisions of
-    the blocks' BatchNorms and {block output node: (statistics node, block name)}."""
+    the blocks' BatchNorms and {block output node: (statistics node, block name)}.
+
+    fallback: {qualified BatchNorm name: reason}. The block buffer holds all of a block's
+    layers or none, so a block with any BatchNorm in `fallback` is left in PyTorch as a whole
+    (its nodes untouched, each of its BatchNorms decided "not restructured").
+    """
     graph = gm.graph
+    fallback = fallback or {}
     decisions, outputs = [], {}
     for index, m in enumerate(find_dense_blocks(graph, modules, calls, is_relu, conv_unsupported)):
         names = [[node.target for node in layer] for layer in m.layers]
@@ -460,6 +466,13 @@ def rewrite_dense_blocks(gm: fx.GraphModule, prefix: str, modules: dict, calls: 
                     k += 1
                 common = common[:k]
         block_name = ".".join(common) if common else f"dense_block{index}"
+        norms = [prefix + node.target for layer in m.layers for node in (layer[0], layer[3])]
+        hit = next((n for n in norms if n in fallback), None)
+        if hit is not None:
+            whole = (f"in dense block {prefix}{block_name}, left in PyTorch as a whole (a block buffer holds all "
+                     f"its layers or none; {hit}: {fallback[hit]})")
+            decisions += [decision_cls(n, False, fallback.get(n, whole)) for n in norms]
+            continue
         path = ".".join(common + ["_rbn_dense"]) if common else f"_rbn_dense_block{index}"
         block = RBNDenseBlock([tuple(modules[node.target] for node in (l[0], l[2], l[3], l[5])) for l in m.layers])
         if common:

@@ -8,6 +8,11 @@ For every BatchNorm2d node:
   consumers  each Conv2d reading the activation as its input takes (y, coeffs) and
              applies BN(+ReLU) in its prologue; any other user reads one materialized
              activation (standalone apply kernel).
+
+BatchNorms named in `fallback` (measured slower than PyTorch at build time, or forced) stay
+unchanged PyTorch modules, like unsupported ones, and so does the conv that produces their
+input: the whole conv-BN(-ReLU) layer runs in PyTorch, and a BatchNorm before it applies
+into a materialized activation instead of that conv's prologue.
 """
 from __future__ import annotations
 
@@ -95,31 +100,45 @@ def _set_module(gm: fx.GraphModule, path: str, new: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, name, new)
 
 
-def rewrite(gm: fx.GraphModule, prefix: str = "") -> list[BNDecision]:
-    """Rewrite `gm` in place (its graph and its own submodule slots); returns one decision per BN."""
+def rewrite(gm: fx.GraphModule, prefix: str = "", fallback: dict[str, str] | None = None) -> list[BNDecision]:
+    """Rewrite `gm` in place (its graph and its own submodule slots); returns one decision per BN.
+
+    fallback: {qualified BatchNorm name: reason} of the BatchNorms to leave in PyTorch with
+    their producing convs (a dense block's: the whole block, see rewrite_dense_blocks).
+    """
     graph = gm.graph
     modules = dict(gm.named_modules())
     calls = _call_counts(graph)
+    fallback = fallback or {}
     decisions: list[BNDecision] = []
     act_info: dict[fx.Node, tuple] = {}  # activation node -> (y, coeffs, relu, decision[, applied])
     dead: list[fx.Node] = []  # old nodes to erase, users before producers
+    pytorch_convs: set[str] = set()  # convs producing a fallback BatchNorm's input: no prologue either
 
     def single_use(node: fx.Node) -> bool:
         return calls.get(node.target, 0) == 1
 
     # dense blocks first: each becomes one node returning (block buffer, per-channel statistics)
     dense_decisions, dense_outputs = rewrite_dense_blocks(gm, prefix, modules, calls, _is_relu, conv_unsupported,
-                                                          BNDecision)
+                                                          BNDecision, fallback)
     decisions += dense_decisions
+    decided = {d.name for d in dense_decisions}  # incl. the BatchNorms of blocks left in PyTorch
 
     for node in list(graph.nodes):
         bn = _module(node, modules)
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             continue
         name = prefix + node.target
+        if name in decided:
+            continue
         reason = bn_unsupported(bn) or ("" if single_use(node) else "module is called more than once")
         if not reason and len(node.args) != 1:
             reason = "unexpected call signature"
+        if not reason and name in fallback:
+            reason = fallback[name]
+            src = node.args[0]
+            if isinstance(src, fx.Node) and isinstance(_module(src, modules), nn.Conv2d):
+                pytorch_convs.add(src.target)
         if reason:
             decisions.append(BNDecision(name, False, reason))
             continue
@@ -182,7 +201,10 @@ def rewrite(gm: fx.GraphModule, prefix: str = "") -> list[BNDecision]:
                 _fuse_add_relu(graph, user, act, residual, act_info, decision, prefix)
                 continue
             conv = _module(user, modules)
-            if (conv is not None and not conv_unsupported(conv) and single_use(user) and len(user.args) == 1
+            if user.op == "call_module" and user.target in pytorch_convs:
+                user.replace_input_with(act, _materialize(graph, act, act_info))
+                decision.apply.append(f"standalone for {prefix}{user.target} (left in PyTorch with its BatchNorm)")
+            elif (conv is not None and not conv_unsupported(conv) and single_use(user) and len(user.args) == 1
                     and user.args[0] is act and not user.kwargs):
                 with graph.inserting_before(user):
                     new = graph.call_module(user.target, (y, coeffs))

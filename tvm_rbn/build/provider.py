@@ -17,7 +17,7 @@ from ..runtime.library import KernelLibrary
 _lock = threading.RLock()
 _libraries: list[KernelLibrary] = []
 _functions: dict[str, object] = {}
-_recorders: list[Counter] = []
+_recorders: list[tuple[Counter, dict | None]] = []
 _dry_run = threading.local()
 _built_untuned: list[KernelSpec] = []
 _tuned_symbols: set[str] = set()
@@ -56,18 +56,23 @@ def is_tuned(symbol: str) -> bool:
 
 
 @contextlib.contextmanager
-def record(dry_run: bool = False):
+def record(dry_run: bool = False, by_owner: dict | None = None):
     """Count the kernels requested inside the block; with dry_run, kernels are not built or
-    run (outputs stay uninitialized): a cheap way to list the workloads of a model."""
+    run (outputs stay uninitialized): a cheap way to list the workloads of a model.
+
+    by_owner: a dict that also gets the counts per owner (see `owner`), as
+    {id(owner set): Counter of specs}; kernels requested outside any owner are not in it.
+    """
     counts: Counter = Counter()
-    _recorders.append(counts)
+    entry = (counts, by_owner)
+    _recorders.append(entry)
     previous = getattr(_dry_run, "on", False)
     _dry_run.on = previous or dry_run
     try:
         yield counts
     finally:
         _dry_run.on = previous
-        _recorders.remove(counts)
+        del _recorders[next(i for i, e in enumerate(_recorders) if e is entry)]
 
 
 def _skip(*_args) -> None:
@@ -113,9 +118,11 @@ def prepare(specs: list[KernelSpec]) -> None:
 
 def kernel(spec: KernelSpec):
     """The callable kernel for `spec`; builds it on first use."""
-    for counts in _recorders:
-        counts[spec] += 1
     kernels = _owner.get()
+    for counts, by_owner in _recorders:
+        counts[spec] += 1
+        if by_owner is not None and kernels is not None:
+            by_owner.setdefault(id(kernels), Counter())[spec] += 1
     if kernels is not None:
         kernels.add(spec.symbol)
     if getattr(_dry_run, "on", False):

@@ -1,0 +1,125 @@
+"""Per-layer cost decision at build time: our kernels or PyTorch's, whichever is faster.
+
+DESIGN.md section 6: a fused kernel that still loses to PyTorch's unfused sequence for its
+layer must not run. ``measure`` times, for every restructured BatchNorm of a model, the
+convolution kernels that one training step runs for it (``tvm_rbn.report``'s attribution:
+the conv producing its input, with the statistics epilogue and the previous BatchNorm's
+prologue, forward, data gradient and weight gradient; a conv that only carries its apply
+prologue) against PyTorch's unfused sequence for the same work (BatchNorm + ReLU + oneDNN
+conv, forward and backward: ``tvm_rbn.benchmarks.layers``), both on PyTorch's thread count,
+sides alternating, median of `reps`, each kernel weighted by its calls per step. A BatchNorm
+whose kernels take more than (1 + margin) x PyTorch's time is marked "pytorch":
+``restructure(model, library=...)`` then leaves it, and the conv producing its input, in
+PyTorch. A DenseNet block is decided as a whole (its block buffer holds all its layers or
+none; its kernels are attributed to the block): every BatchNorm of it gets the block's sums.
+
+Decisions are per layer and independent: each is measured with its neighbours restructured,
+and what a PyTorch layer costs its neighbours is not counted (the BatchNorm before it applies
+into a materialized activation instead of the conv's prologue: one standalone pass, as
+PyTorch's own BatchNorm makes). A BatchNorm with no convolution kernel (statistics and apply
+both standalone) stays "tvm".
+"""
+from __future__ import annotations
+
+import copy
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+MARGIN = 0.03  # ours may be this much slower before a layer goes to PyTorch (timing noise)
+REPS = 5
+_load: list[float] = []  # 1-minute load average before and after the last measure() (a busy machine: noisy)
+
+
+@dataclass
+class Site:
+    """BatchNorms decided together (one, or a dense block's) and their conv kernels."""
+
+    names: list[str]
+    kernels: Counter = field(default_factory=Counter)  # conv kernel spec -> calls per training step
+    dense_block: str | None = None
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [n.split(".") for n in names]
+    common = []
+    for column in zip(*parts):
+        if len(set(column)) != 1:
+            break
+        common.append(column[0])
+    return ".".join(common)
+
+
+def sites(model: torch.nn.Module, input_shape, dtype=torch.float32) -> list[Site]:
+    """The restructured BatchNorms of `model` with the conv kernels one training step runs for
+    each (a dry run: nothing is built or executed; the model is not touched)."""
+    from ..benchmarks.layers import KINDS
+    from ..bridge import _REPORT_ATTR, restructure
+    from . import provider
+
+    work = restructure(copy.deepcopy(model))
+    work.train()
+    owners: dict[int, Counter] = {}
+    with provider.record(dry_run=True, by_owner=owners):
+        work(torch.zeros(tuple(input_shape), dtype=dtype)).float().sum().backward()
+    groups: dict[int, Site] = {}
+    for row, kernels in getattr(work, _REPORT_ATTR):
+        if not row.restructured:
+            continue
+        site = groups.setdefault(id(kernels), Site([]))
+        site.names.append(row.name)
+        if not site.kernels:
+            site.kernels = Counter({s: n for s, n in owners.get(id(kernels), {}).items() if s.op in KINDS})
+    for site in groups.values():
+        if len(site.names) > 1:  # one kernel set for several BatchNorms: a dense block
+            site.dense_block = _common_prefix(site.names) or site.names[0]
+    return list(groups.values())
+
+
+def measure(model: torch.nn.Module, input_shape, dtype=torch.float32, reps: int = REPS, margin: float = MARGIN,
+            progress=None) -> dict[str, dict]:
+    """{BatchNorm name: {"ours_ms", "torch_ms", "choice": "tvm"|"pytorch", "kernel_calls"[, "dense_block"]}}.
+
+    Times per training step (ms, calls x median). Kernels come from the loaded libraries, else
+    the cache, else a fresh build: load the library being decided on first
+    (``provider.add_library``) so its kernels are the ones timed.
+    """
+    from ..benchmarks.layers import _Case, _time
+    from . import provider
+
+    _load[:] = [os.getloadavg()[0]]
+    found = sites(model, input_shape, dtype)
+    specs = list(dict.fromkeys(s for site in found for s in site.kernels))
+    provider.prepare(specs)
+    medians: dict = {}
+    with torch.no_grad():
+        for i, spec in enumerate(specs):
+            case = _Case(spec)
+            medians[spec] = _time({"tvm_rbn": case.ours(), "torch_unfused": case.torch_unfused()}, reps)
+            if progress:
+                progress(f"timed kernel {i + 1}/{len(specs)}")
+    _load.append(os.getloadavg()[0])
+    layers = {}
+    for site in found:
+        ours = 1e3 * sum(n * medians[s]["tvm_rbn"] for s, n in site.kernels.items())
+        theirs = 1e3 * sum(n * medians[s]["torch_unfused"] for s, n in site.kernels.items())
+        choice = "pytorch" if site.kernels and ours > (1 + margin) * theirs else "tvm"
+        row = {"ours_ms": round(ours, 4), "torch_ms": round(theirs, 4), "choice": choice,
+               "kernel_calls": sum(site.kernels.values())}
+        if site.dense_block:
+            row["dense_block"] = site.dense_block
+        for name in site.names:
+            layers[name] = dict(row)
+    return layers
+
+
+def conditions(input_shape, dtype, reps: int, margin: float) -> dict:
+    """How the last `measure` measured, for the manifest."""
+    import tvm_rbn
+
+    return {"input_shape": list(input_shape), "dtype": str(dtype).replace("torch.", ""), "reps": reps,
+            "margin": margin, "statistic": "median of alternating reps, x calls per training step",
+            "threads": {"torch": torch.get_num_threads(), "tvm": tvm_rbn.num_threads()},
+            "load_average": {"before": _load[0], "after": _load[-1]} if _load else None}
