@@ -51,6 +51,10 @@ def _tune(args) -> int:
     target = None
     if args.target == "cpu":
         family = host_family()
+    elif args.target.startswith("x86-"):
+        from tvm_rbn.build.target import family_tvm_target
+
+        family, target = args.target, family_tvm_target(args.target)
     else:  # cuda:sm_XX
         from tvm_rbn.schedules import cuda_target
 
@@ -108,10 +112,9 @@ def _demo(args) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    from tvm_rbn.benchmarks import layer
+    from tvm_rbn.benchmarks import suite
 
-    layer.main(argv, prog="python -m tvm_rbn bench")
-    return 0
+    return suite.main(argv, prog="python -m tvm_rbn bench")
 
 
 def _model_args(p, batch=8, size=64) -> None:
@@ -141,8 +144,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-trials", type=int, default=16, help="candidates measured per batch (default 16)")
     p.add_argument("--logs", default=None, help="tuning-log root (default: the project's tuning_logs/); "
                                                 "records go to LOGS/<target family>/")
-    p.add_argument("--target", default="cpu", metavar="cpu|cuda:sm_XX",
-                   help="the host CPU (default), or an NVIDIA GPU by its architecture, e.g. cuda:sm_90")
+    p.add_argument("--target", default="cpu", metavar="cpu|x86-avx2|x86-avx512|cuda:sm_XX",
+                   help="the host CPU (default); an x86 family measured on this host (e.g. x86-avx2 "
+                        "on an AVX-512 machine); or an NVIDIA GPU by its architecture, e.g. cuda:sm_90")
     p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT",
                    help="measure on the RPC servers registered with this tracker instead of locally")
     p.add_argument("--rpc-key", default="tvm_rbn", help="device key of the RPC servers (default tvm_rbn)")
@@ -168,7 +172,7 @@ def main(argv=None) -> int:
     p.set_defaults(run=_demo)
     p = sub.add_parser("info", help="versions, detected target, thread counts, cache and tuning-log folders")
     p.set_defaults(run=_info)
-    sub.add_parser("bench", help="one fused layer against PyTorch's conv+BN+ReLU (options: bench --help)")
+    sub.add_parser("bench", help="training steps vs PyTorch eager and torch.compile, per-layer kernels, traffic, memory (options: bench --help)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # the benchmark parses its own options
         return _bench(argv[1:])
