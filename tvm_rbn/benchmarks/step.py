@@ -6,9 +6,11 @@
 One step = zero_grad, forward, cross-entropy loss, backward, SGD update (momentum 0.9,
 weight decay 1e-4), fp32. Three copies of the model start from the same weights: PyTorch
 eager, ``torch.compile`` (default mode; its compilation is the first warm-up step and is
-reported apart), and ``tvm_rbn.restructure`` with a kernel library built beforehand from the
-committed tuning logs (build time reported apart; how many kernels were tuned, taken from
-their structure class, or default). After the warm-up steps the sides take turns, one step
+reported apart), and ``tvm_rbn.restructure`` with a kernel library built beforehand as
+``python -m tvm_rbn build`` does: from the committed tuning logs, and with each BatchNorm's
+kernels timed against PyTorch's layer so that layers where ours lose run in PyTorch
+(``--no-layer-choice``: all on ours). Build time is reported apart, with how many kernels were
+tuned, taken from their structure class, or default, and how many BatchNorms run in PyTorch. After the warm-up steps the sides take turns, one step
 each per round, and the median over the rounds is quoted. Everything runs at torch's thread
 count, TVM's pool sized to match.
 
@@ -43,21 +45,27 @@ def _trainer(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
-def _library(model, input_shape) -> tuple[Path, dict]:
+def _library(model, input_shape, measure: bool) -> tuple[Path, dict]:
+    """The kernel library as `python -m tvm_rbn build` makes it: tuned from the committed logs
+    and, with `measure`, each BatchNorm's kernels timed against PyTorch's layer (the slower
+    side's layers run in PyTorch)."""
     import json
 
     from ..build import provider
     from ..build.workloads import build_for_model
 
     start = time.perf_counter()
-    lib = build_for_model(model, input_shape, tuning_logs=provider.tuning_logs())
+    lib = build_for_model(model, input_shape, tuning_logs=provider.tuning_logs(), measure=measure)
     manifest = json.loads((lib / "manifest.json").read_text())
     kinds = [k.get("schedule", "tuned" if k["tuned"] else "default") for k in manifest["kernels"]]
+    layers = manifest.get("layers") or {}
     return lib, {"seconds": time.perf_counter() - start, "kernels": len(kinds),
-                 **{kind: kinds.count(kind) for kind in ("tuned", "class", "default")}}
+                 **{kind: kinds.count(kind) for kind in ("tuned", "class", "default")},
+                 "layers_measured": len(layers),
+                 "layers_in_pytorch": sorted(n for n, row in layers.items() if row["choice"] == "pytorch")}
 
 
-def run_model(name: str, batch: int, size: int, steps: int, warmup: int, compile_: bool) -> dict:
+def run_model(name: str, batch: int, size: int, steps: int, warmup: int, compile_: bool, measure: bool = True) -> dict:
     import tvm_rbn
     from ..models import MODELS
 
@@ -65,7 +73,7 @@ def run_model(name: str, batch: int, size: int, steps: int, warmup: int, compile
     base = MODELS[name]()
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 1000, (batch,))
-    lib, build = _library(base, x.shape)
+    lib, build = _library(base, x.shape, measure)
 
     sides = {"eager": _trainer(copy.deepcopy(base).train(), x, y)}
     compile_s = None
@@ -107,17 +115,18 @@ def format_table(results: list[dict], m: dict) -> str:
     lines = [f"training step (forward, backward, SGD), fp32; machine: {m['cpu']} ({m['family']}), "
              f"threads: torch {m['torch_threads']}, tvm {m['tvm_threads']}; medians",
              f"{'model':<12}{'batch':>6}{'size':>6}{'eager s':>10}{'compile s':>11}{'tvm_rbn s':>11}"
-             f"{'vs eager':>10}{'vs compile':>12}  kernels (tuned/class/default)"]
+             f"{'vs eager':>10}{'vs compile':>12}  kernels (tuned/class/default), BatchNorms in PyTorch"]
     for r in results:
         med = r["median_s"]
         comp = med.get("torch.compile")
         lib = r["library"]
+        in_pytorch = f"{len(lib['layers_in_pytorch'])}/{lib['layers_measured']}" if lib["layers_measured"] else "-"
         lines.append(
             f"{r['model']:<12}{r['batch']:>6}{r['size']:>6}{med['eager']:>10.3f}"
             f"{(format(comp, '.3f') if comp else '-'):>11}{med['tvm_rbn']:>11.3f}"
             f"{r['speedup_vs_eager']['tvm_rbn']:>9.2f}x"
             f"{(format(r['tvm_rbn_vs_compile'], '.2f') + 'x' if comp else '-'):>12}"
-            f"  {lib['tuned']}/{lib['class']}/{lib['default']}")
+            f"  {lib['tuned']}/{lib['class']}/{lib['default']}, {in_pytorch}")
     return "\n".join(lines)
 
 
@@ -159,13 +168,16 @@ def main(argv=None, prog=None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="measured steps per side (median quoted)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    ap.add_argument("--no-layer-choice", action="store_true",
+                    help="run every restructured layer on tvm_rbn's kernels (default: as `build` decides "
+                         "per layer from measurements)")
     ap.add_argument("--memory", action="store_true", help="also measure peak memory (fresh processes)")
     ap.add_argument("--out", default="out/step", help="prefix of the .json and .png written")
     a = ap.parse_args(argv)
     m = machine()
     results = []
     for name in a.model:
-        r = run_model(name, a.batch, a.size, a.steps, a.warmup, not a.no_compile)
+        r = run_model(name, a.batch, a.size, a.steps, a.warmup, not a.no_compile, not a.no_layer_choice)
         r["traffic"] = traffic.summary(MODELS[name](), (a.batch, 3, a.size, a.size))
         if a.memory:
             from . import memory
