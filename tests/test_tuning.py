@@ -45,13 +45,17 @@ def test_tune_then_build_applies_the_records(tuned_folder, tmp_path):
     assert all(0 < s < 1e9 for s in run_secs), f"a trial failed to build or run: {run_secs}"
     manifest = compile_library([SPEC], tmp_path, tuning_logs=tuned_folder)
     assert manifest["kernels"][0]["tuned"] is True
-    fn = KernelLibrary(tmp_path).function(SPEC.symbol)
-    x, w = torch.randn(1, 8, 8, 8), torch.randn(8, 8, 3, 3)
-    scale, shift = torch.rand(8) + 0.5, torch.randn(8)
+    _check_prologue_conv(KernelLibrary(tmp_path).function(SPEC.symbol), 8, "tuned kernel output")
+
+
+def _check_prologue_conv(fn, c: int, what: str) -> None:
+    """A built bn+relu>conv kernel (K=8, 8x8, 3x3, pad 1) against PyTorch."""
+    x, w = torch.randn(1, c, 8, 8), torch.randn(8, c, 3, 3)
+    scale, shift = torch.rand(c) + 0.5, torch.randn(c)
     y = torch.empty(1, 8, 8, 8)
     fn(x, scale, shift, w, y)
     ref = F.conv2d(torch.relu(x * scale[:, None, None] + shift[:, None, None]), w, padding=1)
-    assert_close(y, ref, "tuned kernel output")
+    assert_close(y, ref, what)
 
 
 def test_records_carry_their_knobs_and_a_sibling_builds_from_them(tuned_folder, tmp_path):
@@ -64,13 +68,7 @@ def test_records_carry_their_knobs_and_a_sibling_builds_from_them(tuned_folder, 
     assert len({json.dumps(a["knobs"], sort_keys=True) for a in annotations}) == 3, "a setting was measured twice"
     manifest = compile_library([SIBLING], tmp_path, tuning_logs=tuned_folder)
     assert manifest["kernels"][0]["schedule"] == "class"
-    fn = KernelLibrary(tmp_path).function(SIBLING.symbol)
-    x, w = torch.randn(1, 16, 8, 8), torch.randn(8, 16, 3, 3)
-    scale, shift = torch.rand(16) + 0.5, torch.randn(16)
-    y = torch.empty(1, 8, 8, 8)
-    fn(x, scale, shift, w, y)
-    ref = F.conv2d(torch.relu(x * scale[:, None, None] + shift[:, None, None]), w, padding=1)
-    assert_close(y, ref, "kernel built from its class's knobs")
+    _check_prologue_conv(KernelLibrary(tmp_path).function(SIBLING.symbol), 16, "kernel built from its class's knobs")
 
 
 OPS = {
