@@ -208,3 +208,21 @@ def test_cuda_search_space_yields_kernels_that_compile(op):
         if compiled:
             break
     assert compiled, f"no valid CUDA schedule sampled for {op}"
+
+
+def test_slice_reading_kernels_tune_on_whole_tensors_and_build_from_their_class(tmp_path):
+    """DenseNet's block-buffer kernels read and write channel slices, which MetaSchedule's
+    runner cannot allocate: their class is tuned on whole tensors, every trial measured."""
+    from tvm_rbn.build.workloads import extract
+    from tvm_rbn.models import MODELS
+
+    sliced = next(s for s, _ in extract(MODELS["densenet121"](), (2, 3, 64, 64))
+                  if s.op == "conv2d_fused" and "views" in s.kwargs and s.kwargs["r"] == 1)
+    folder = tmp_path / host_family()
+    report = tune_specs([(sliced, 1.0)], folder, trials=2, trials_per_batch=1)
+    assert report.trials >= 1
+    db = records.load(folder, host_family())
+    secs = [records._mean_secs(rec) for rec in db.get_all_tuning_records()]
+    assert secs and all(s is not None for s in secs), f"a trial failed to build or run: {secs}"
+    manifest = compile_library([sliced], tmp_path, tuning_logs=folder)
+    assert manifest["kernels"][0]["schedule"] == "class"

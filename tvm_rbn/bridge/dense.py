@@ -77,6 +77,8 @@ def _affine_from_stats(stats: Tensor, gamma: Tensor, beta: Tensor, running_mean:
                        eps: float, factor: float, m: int):
     """Training-mode coeffs (4, C) of a BatchNorm over channels whose (mean, biased var) are
     known, and its updated running statistics (empty tensors when it tracks none)."""
+    if m <= 1:  # as BatchNorm2d: the unbiased running variance needs two values
+        raise ValueError(f"Expected more than 1 value per channel when training, got {m} per channel")
     mean, var = stats[0], stats[1]
     invstd = torch.rsqrt(var + eps)
     scale = gamma * invstd

@@ -21,13 +21,18 @@ def lower_spec(spec: KernelSpec, family: str, database=None, target=None):
     kernel: its own best record, its structure class's best knobs, or the default template."""
     from tvm_rbn.schedules import default_schedule
 
-    from ..tuning.records import class_knobs
+    from tvm.s_tir import Schedule
+
+    from ..tuning.records import best_record, class_knobs
     from ..tuning.tasks import is_tunable, structure_class, workload_mod
 
     func = spec.prim_func().with_attr("global_symbol", spec.symbol)
     if database is not None and is_tunable(spec):
-        sch = database.query_schedule(workload_mod(spec), target, "main")
-        if sch is not None:
+        mod = workload_mod(spec)
+        rec = best_record(database, mod)
+        if rec is not None:
+            sch = Schedule(mod)
+            rec.trace.apply_to_schedule(sch, remove_postproc=False)
             return sch.mod["main"].with_attr("global_symbol", spec.symbol), "tuned"
         knobs = class_knobs(database).get(structure_class(spec))
         if knobs is not None:

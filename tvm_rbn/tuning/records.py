@@ -153,32 +153,61 @@ def publish(scratch: Path, path: Path) -> None:
         os.replace(tmp, path / name)
 
 
-_class_knobs_memo: dict[int, dict] = {}
+# MetaSchedule records a candidate that failed to build or run with run_secs of 1e10
+FAILED_RUN_SECS = 1e9
 
 
-def class_knobs(database) -> dict[str, dict]:
-    """structure class -> the knob annotation of its best record: per class, the most-tuned
-    workload's fastest record (run times of different workloads do not compare)."""
-    memo = _class_knobs_memo.get(id(database))
+def _mean_secs(rec) -> float | None:
+    """A record's mean run time, or None when it did not build and run."""
+    if not rec.run_secs:
+        return None
+    secs = sum(float(t) for t in rec.run_secs) / len(rec.run_secs)
+    return secs if secs < FAILED_RUN_SECS else None
+
+
+_index_memo: dict[int, tuple] = {}
+
+
+def _index(database) -> tuple[dict, dict]:
+    """(structural hash -> [(secs, record)] of measured records, fastest first;
+    structure class -> knob annotation of its best record), built once per database."""
+    memo = _index_memo.get(id(database))
     if memo is not None and memo[0] is database:
         return memo[1]
     import tvm_ffi
 
     from tvm_rbn.schedules.x86.space import knobs_of
 
-    per_workload: dict[tuple[str, int], list] = {}
+    by_workload: dict[int, list] = {}
     for rec in database.get_all_tuning_records():
-        if not rec.run_secs:
-            continue
-        knobs = knobs_of(rec.trace)
-        if not knobs or "class" not in knobs:
-            continue
-        secs = sum(float(t) for t in rec.run_secs) / len(rec.run_secs)
-        per_workload.setdefault((knobs["class"], tvm_ffi.structural_hash(rec.workload.mod)), []).append((secs, knobs))
+        secs = _mean_secs(rec)
+        if secs is not None:
+            by_workload.setdefault(tvm_ffi.structural_hash(rec.workload.mod), []).append((secs, rec))
+    for rows in by_workload.values():
+        rows.sort(key=lambda row: row[0])
+    # per class: the most-tuned workload's fastest setting (times of different workloads do not compare)
     best: dict[str, tuple[int, dict]] = {}
-    for (klass, _), rows in per_workload.items():
-        if klass not in best or len(rows) > best[klass][0]:
-            best[klass] = (len(rows), min(rows, key=lambda r: r[0])[1])
-    out = {klass: knobs for klass, (_, knobs) in best.items()}
-    _class_knobs_memo[id(database)] = (database, out)
-    return out
+    for rows in by_workload.values():
+        knobs = knobs_of(rows[0][1].trace)
+        if knobs and "class" in knobs:
+            klass = knobs["class"]
+            if klass not in best or len(rows) > best[klass][0]:
+                best[klass] = (len(rows), knobs)
+    index = (by_workload, {klass: knobs for klass, (_, knobs) in best.items()})
+    _index_memo[id(database)] = (database, index)
+    return index
+
+
+def best_record(database, mod):
+    """The fastest record of workload `mod` that built and ran, or None."""
+    import tvm_ffi
+
+    for _, rec in _index(database)[0].get(tvm_ffi.structural_hash(mod), []):
+        if tvm_ffi.structural_equal(rec.workload.mod, mod):
+            return rec
+    return None
+
+
+def class_knobs(database) -> dict[str, dict]:
+    """structure class -> the knob annotation of its best measured record."""
+    return _index(database)[1]

@@ -14,8 +14,9 @@ its budget, and the search starts from the best records.
 x86: the search space is the designed templates' knob settings (``schedules/x86/space.py``),
 searched by MetaSchedule's evolutionary search with its XGBoost cost model. Kernels of the
 same structure (``structure_class``: equal but for their input channels and channel-slice
-views) are tuned once, as the class's heaviest kernel with the class's summed weight; the
-build gives the others the best setting found (``build.compile``). CUDA: MetaSchedule's own
+views) are tuned once, as the class's heaviest kernel (on whole tensors: ``without_views``)
+with the class's summed weight; the build gives the others the best setting found
+(``build.compile``). CUDA: MetaSchedule's own
 rule-based space, every kernel a task.
 """
 from __future__ import annotations
@@ -103,7 +104,7 @@ def tune_specs(
     if records.has_records(out):
         records.validate(out, family)  # never tune on top of a folder we would refuse to apply
     scratch = records.scratch_copy(out)
-    weighted_specs = {spec.symbol: spec for spec, _ in weighted}
+    weighted_specs = {without_views(spec).symbol: without_views(spec) for spec, _ in weighted}
     start = time.perf_counter()
     try:
         db = ms.database.JSONDatabase(str(scratch / records.WORKLOADS), str(scratch / records.RECORDS))
@@ -141,6 +142,7 @@ def tune_specs(
                 report_rows[i]["default_measured"] = ok
         records.publish(scratch, out)
         already += sum(1 for row in report_rows if row.get("default_measured"))
+        lines_before_search = sum(1 for _ in open(scratch / records.RECORDS))
         callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
         callbacks.append(_make_callback(scratch, out, remaining, deadline, start, stream))
         ms.tune_tasks(
@@ -149,7 +151,7 @@ def tune_specs(
             cost_model="xgb", measure_callbacks=callbacks, task_scheduler="gradient",
         )
         records.publish(scratch, out)
-        measured = sum(1 for _ in open(scratch / records.RECORDS)) - already
+        measured = sum(1 for _ in open(scratch / records.RECORDS)) - lines_before_search
         stream.write("\n")
         return TuningReport(out, len(tasks), measured, time.perf_counter() - start, report_rows)
     finally:
@@ -193,8 +195,17 @@ def by_class(weighted: list[tuple[KernelSpec, float]]) -> list[tuple[KernelSpec,
     out = []
     for members in classes.values():
         head = max(members, key=lambda m: (m[1], m[0].symbol))[0]
-        out.append((head, sum(w for _, w in members), len(members)))
+        out.append((without_views(head), sum(w for _, w in members), len(members)))
     return out
+
+
+def without_views(spec: KernelSpec) -> KernelSpec:
+    """The kernel on whole tensors instead of channel slices of a block buffer: measurable by
+    MetaSchedule's runner (which allocates each argument as a dense tensor) and of the same
+    structure class, so the build hands its knobs to the slice-reading kernels."""
+    if "views" not in spec.kwargs:
+        return spec
+    return KernelSpec.make(spec.op, **{k: v for k, v in spec.kwargs.items() if k != "views"})
 
 
 def _space(family: str, klass: str | None):
