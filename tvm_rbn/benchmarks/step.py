@@ -97,7 +97,7 @@ def run_model(name: str, batch: int, size: int, steps: int, warmup: int, compile
             start = time.perf_counter()
             loss = step()
             times[side].append(time.perf_counter() - start)
-            losses[side].append(float(loss))
+            losses[side].append(loss.item())
     med = {side: statistics.median(ts) for side, ts in times.items()}
     return {
         "model": name, "batch": batch, "size": size, "dtype": "float32", "steps": steps, "warmup": warmup,
