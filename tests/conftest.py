@@ -5,7 +5,9 @@ import os
 import tempfile
 
 import pytest
-import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as importing tvm_rbn first does (tvm_rbn._threads)
+import torch  # noqa: E402
 
 # Each test session builds into its own cache, so the build path itself is exercised.
 os.environ.setdefault("TVM_RBN_CACHE_DIR", tempfile.mkdtemp(prefix="tvm_rbn_test_cache_"))

@@ -74,3 +74,22 @@ def test_concurrent_builds_of_one_entry_both_succeed():
         assert float(out) == 117.0
     entries = list((cache.cache_root() / f"v{cache.FORMAT}").glob("*/*"))
     assert not [e for e in entries if e.name.startswith(".")], "a temporary build folder was left behind"
+
+
+def _run_clean(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "TVM_RBN_KEEP_OMP_POLICY")}
+    return subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, env=env)
+
+
+def test_importing_tvm_rbn_first_makes_pytorch_openmp_threads_yield():
+    out = _run_clean("import os, tvm_rbn, torch; print(os.environ.get('OMP_WAIT_POLICY'))")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "PASSIVE"
+
+
+def test_restructure_warns_when_pytorch_threads_keep_spinning():
+    code = ("import torch, tvm_rbn\n"
+            "tvm_rbn.restructure(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))\n")
+    out = _run_clean(code)
+    assert out.returncode == 0, out.stderr
+    assert "ThreadSpinWarning" in out.stderr and "OMP_WAIT_POLICY=PASSIVE" in out.stderr

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 from pathlib import Path
@@ -113,7 +114,8 @@ def run_model(name: str, batch: int, size: int, steps: int, warmup: int, compile
 
 def format_table(results: list[dict], m: dict) -> str:
     lines = [f"training step (forward, backward, SGD), fp32; machine: {m['cpu']} ({m['family']}), "
-             f"threads: torch {m['torch_threads']}, tvm {m['tvm_threads']}; medians",
+             f"threads: torch {m['torch_threads']}, tvm {m['tvm_threads']}, OMP_WAIT_POLICY="
+             f"{os.environ.get('OMP_WAIT_POLICY', '(default)')}; medians",
              f"{'model':<12}{'batch':>6}{'size':>6}{'eager s':>10}{'compile s':>11}{'tvm_rbn s':>11}"
              f"{'vs eager':>10}{'vs compile':>12}  kernels (tuned/class/default), BatchNorms in PyTorch"]
     for r in results:
@@ -193,7 +195,7 @@ def main(argv=None, prog=None) -> int:
         print(f"{r['model']}: BatchNorm traffic model {t['eager_mib']:.0f} MiB eager vs {t['tvm_rbn_mib']:.0f} MiB "
               f"restructured per step ({t['ratio']:.2f}x)"
               + (f"; peak memory {r['memory']['step_peak_ratio']:.2f}x eager" if "memory" in r else ""))
-    payload = {"machine": m, "results": results}
+    payload = {"machine": m, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "results": results}
     out = Path(a.out)
     print(f"saved {save_json(out.with_suffix('.json'), payload)}")
     png = plot(results, out.with_suffix(".png"))

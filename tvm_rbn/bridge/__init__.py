@@ -112,6 +112,9 @@ def restructure(model: nn.Module, *, target=None, tuning_logs=None, library=None
     inside a DenseNet block leaves the whole block in PyTorch (its buffer holds all layers
     or none).
     """
+    from .._threads import warn_if_spinning
+
+    warn_if_spinning()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if target not in (None, "cpu", "llvm") or device.type != "cpu":
         raise NotImplementedError(f"tvm_rbn kernels are built for the host CPU; got target={target!r}, model on {device}")
