@@ -236,16 +236,7 @@ def schedule_dgrad(sch: Schedule, family: str, knobs: DgradKnobs | None = None) 
         sch.decompose_reduction(block, rko)
 
     # gradient packing: per task (image) or once per call
-    if kn.per_image:
-        sch.compute_at(gpad, task, preserve_unit_loops=True)
-        gk, gy, gx = cm.loops_under(sch, gpad, task)[-3:]
-        gko, gki = sch.split(gk, [None, kb])
-        sch.reorder(gko, gy, gx, gki)
-    else:
-        gn, gk, gy, gx = sch.get_loops(gpad)
-        gko, gki = sch.split(gk, [None, kb])
-        sch.reorder(gn, gko, gy, gx, gki)
-        sch.parallel(sch.fuse(gn, gko, gy))
+    cm.pack_channel_blocks(sch, gpad, kb, task if kn.per_image else None)
     sch.parallel(sch.get_loops(wpack)[0])
     if epilogue:
         # in-task partials need the task's planes written without a predicated tail (TVM
@@ -453,19 +444,13 @@ def schedule_wgrad(sch: Schedule, family: str, knobs: WgradKnobs | None = None) 
         else:
             gblk = sch.cache_read(wgrad, cm.read_index(sch, wgrad, "grad"), "global")
         sch.transform_layout(gblk, ("write", 0), lambda n_, k_, p_, q_: (n_, k_ // kb, p_, q_, k_ % kb))
-        gn, gk, gp, gq = sch.get_loops(gblk)
-        gko, gki = sch.split(gk, [None, kb])
-        sch.reorder(gn, gko, gp, gq, gki)
-        sch.parallel(sch.fuse(gn, gko, gp))
+        cm.pack_channel_blocks(sch, gblk, kb)
         # activation (prologue, zero padding) in NCHW, read as broadcast scalars
         _schedule_spatial_root(sch, pad, lanes)
     else:
         # activation -> [n, c//cb, y, x, c%cb]; the gradient is read as broadcast scalars
         sch.transform_layout(pad, ("write", 0), lambda n_, c_, y_, x_: (n_, c_ // cb, y_, x_, c_ % cb))
-        pn, pc, py, px = sch.get_loops(pad)
-        pco, pci = sch.split(pc, [None, cb])
-        sch.reorder(pn, pco, py, px, pci)
-        sch.parallel(sch.fuse(pn, pco, py))
+        cm.pack_channel_blocks(sch, pad, cb)
         if "grad" in B:
             _schedule_spatial_root(sch, B["grad"], lanes)
     return sch

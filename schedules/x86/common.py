@@ -45,6 +45,22 @@ def loops_under(sch: Schedule, block, loop) -> list:
     raise ValueError("loop does not enclose block")
 
 
+def pack_channel_blocks(sch: Schedule, stage, block: int, task=None) -> None:
+    """Loop order of a packing stage written [n, c // block, y, x, c % block] (its layout
+    transformed already): inside `task`, one image into a task-local workspace while it is in
+    cache; without one, once per call, parallel over (n, channel block, row)."""
+    if task is not None:
+        sch.compute_at(stage, task, preserve_unit_loops=True)
+        c, y, x = loops_under(sch, stage, task)[-3:]
+        co, ci = sch.split(c, [None, block])
+        sch.reorder(co, y, x, ci)
+    else:
+        n, c, y, x = sch.get_loops(stage)
+        co, ci = sch.split(c, [None, block])
+        sch.reorder(n, co, y, x, ci)
+        sch.parallel(sch.fuse(n, co, y))
+
+
 def is_spatial(sch: Schedule, block) -> bool:
     return all(iv.iter_type == IterVar.DataPar for iv in sch.get(block).iter_vars)
 

@@ -253,16 +253,7 @@ def schedule_conv(sch: Schedule, family: str, knobs: ConvKnobs | None = None) ->
     sch.decompose_reduction(conv, rcc if rcc is not None else rco)
 
     # input packing: per task (into a task-local workspace) or once per call, in parallel
-    if kn.per_image and not kn.batch_inner:
-        sch.compute_at(pad, task, preserve_unit_loops=True)
-        pc, py, px = cm.loops_under(sch, pad, task)[-3:]
-        pco, pci = sch.split(pc, [None, ib])
-        sch.reorder(pco, py, px, pci)
-    else:
-        pn, pc, py, px = sch.get_loops(pad)
-        pco, pci = sch.split(pc, [None, ib])
-        sch.reorder(pn, pco, py, px, pci)
-        sch.parallel(sch.fuse(pn, pco, py))
+    cm.pack_channel_blocks(sch, pad, ib, task if kn.per_image and not kn.batch_inner else None)
     sch.parallel(sch.get_loops(wpack)[0])
 
     if "tile_sum" in B:

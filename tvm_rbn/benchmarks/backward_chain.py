@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from .. import functional as rbn
 from ..ops.conv2d_bn import Conv2dGeometry
-from .timing import machine, save_json
+from .timing import machine, save_json, time_sides
 
 
 class _Chain:
@@ -102,27 +101,6 @@ def _saved_bytes_ours(saved) -> int:
     x0, w1, w2, y1, bn1, y2, bn2 = saved
     tensors = [x0, w1, w2, y1, y2, *bn1, *bn2]
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def time_sides(sides: dict, reps: int, warmup: int, lead_in: int, settle_s: float) -> dict[str, list[float]]:
-    """Alternate the sides (which one goes first alternates too). Before each timed call, the
-    same side runs `lead_in` untimed calls (they absorb the other runtime's still-spinning
-    threads) and/or the process idles `settle_s`."""
-    for _ in range(warmup):
-        for fn in sides.values():
-            fn()
-    names = list(sides)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(reps):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            if settle_s:
-                time.sleep(settle_s)
-            for _ in range(lead_in):
-                sides[name]()
-            start = time.perf_counter()
-            sides[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def run(n=8, c=64, k=64, hw=56, kernel=3, reps=15, warmup=3, lead_in=1, settle_ms=0.0) -> dict:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -50,7 +49,7 @@ import torch.nn.functional as F
 
 from ..kernels import KernelSpec
 from ..ops.conv2d_bn import Conv2dGeometry
-from .timing import machine, save_json
+from .timing import machine, median_times, save_json
 
 KINDS = {"conv2d_fused": "forward", "conv2d_dgrad": "dgrad", "conv2d_wgrad": "wgrad"}
 
@@ -195,22 +194,6 @@ class _Case:
         return self.onednn()
 
 
-def _time(sides: dict, reps: int, warmup: int = 1, lead_in: int = 1) -> dict[str, float]:
-    for _ in range(warmup):
-        for fn in sides.values():
-            fn()
-    names = list(sides)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(reps):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            for _ in range(lead_in):
-                sides[name]()
-            start = time.perf_counter()
-            sides[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def _gmean(values) -> float | None:
     values = [v for v in values if v > 0]
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
@@ -240,7 +223,7 @@ def run(model_name: str, batch: int, size: int, limit: int | None = None, kinds=
                 if kind not in kinds:
                     continue
                 case = _Case(spec)
-                med = _time({"tvm_rbn": case.ours(), "torch_unfused": case.torch_unfused(), "onednn": case.onednn()},
+                med = median_times({"tvm_rbn": case.ours(), "torch_unfused": case.torch_unfused(), "onednn": case.onednn()},
                             reps)
                 row = {
                     "layer": layer_name(geo), "kind": kind, "kernel": flags(spec), "calls_per_step": count,

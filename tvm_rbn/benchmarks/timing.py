@@ -23,6 +23,33 @@ def time_alternating(sides: dict[str, Callable[[], object]], reps: int = 15, war
     return {name: {"median_s": statistics.median(ts), "times_s": ts} for name, ts in times.items()}
 
 
+def time_sides(sides: dict[str, Callable[[], object]], reps: int, warmup: int = 1, lead_in: int = 1,
+               settle_s: float = 0.0) -> dict[str, list[float]]:
+    """Alternate the sides (which one goes first alternates too). Before each timed call, the
+    same side runs `lead_in` untimed calls (they absorb the other runtime's still-spinning
+    threads) and/or the process idles `settle_s`. Per side: the `reps` times (s)."""
+    for _ in range(warmup):
+        for fn in sides.values():
+            fn()
+    names = list(sides)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            if settle_s:
+                time.sleep(settle_s)
+            for _ in range(lead_in):
+                sides[name]()
+            start = time.perf_counter()
+            sides[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_times(sides: dict[str, Callable[[], object]], reps: int, **kwargs) -> dict[str, float]:
+    """``time_sides``, reduced to the median per side (s)."""
+    return {name: statistics.median(ts) for name, ts in time_sides(sides, reps, **kwargs).items()}
+
+
 def machine() -> dict:
     import torch
 

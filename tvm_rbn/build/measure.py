@@ -86,7 +86,8 @@ def measure(model: torch.nn.Module, input_shape, dtype=torch.float32, reps: int 
     the cache, else a fresh build: load the library being decided on first
     (``provider.add_library``) so its kernels are the ones timed.
     """
-    from ..benchmarks.layers import _Case, _time
+    from ..benchmarks.layers import _Case
+    from ..benchmarks.timing import median_times
     from . import provider
 
     _load[:] = [os.getloadavg()[0]]
@@ -97,7 +98,7 @@ def measure(model: torch.nn.Module, input_shape, dtype=torch.float32, reps: int 
     with torch.no_grad():
         for i, spec in enumerate(specs):
             case = _Case(spec)
-            medians[spec] = _time({"tvm_rbn": case.ours(), "torch_unfused": case.torch_unfused()}, reps)
+            medians[spec] = median_times({"tvm_rbn": case.ours(), "torch_unfused": case.torch_unfused()}, reps)
             if progress:
                 progress(f"timed kernel {i + 1}/{len(specs)}")
     _load.append(os.getloadavg()[0])

@@ -16,6 +16,24 @@ from tvm import te, tirx
 from .conv2d_bn import plane_stats, prologue
 
 
+def _merge_tiles(tile_sum: te.Tensor, tile_m2: te.Tensor, tile_count: int):
+    """Stages ``total``, ``mean`` and ``m2``: the Chan merge of per-tile sums and centred M2s
+    of `tile_count` elements each (see ``finalize``)."""
+    num_tiles, channels = (int(d) for d in tile_sum.shape)
+    dtype = tile_sum.dtype
+    m = num_tiles * tile_count
+    t = te.reduce_axis((0, num_tiles), "t")
+    total = te.compute((channels,), lambda c: te.sum(tile_sum[t, c], axis=t), name="total")
+    mean = te.compute((channels,), lambda c: total[c] * tirx.const(1.0 / m, dtype), name="mean")
+    t2 = te.reduce_axis((0, num_tiles), "t2")
+
+    def merged_m2(c):
+        d = tile_sum[t2, c] * tirx.const(1.0 / tile_count, dtype) - mean[c]
+        return te.sum(tile_m2[t2, c] + tirx.const(tile_count, dtype) * d * d, axis=t2)
+
+    return mean, te.compute((channels,), merged_m2, name="m2")
+
+
 def finalize(num_tiles: int, channels: int, tile_count: int, dtype: str, update_running: bool):
     """Stages ``total``/``mean``, ``m2`` (Chan merge of tiles), then per-channel outputs.
 
@@ -40,16 +58,7 @@ def finalize(num_tiles: int, channels: int, tile_count: int, dtype: str, update_
     eps = tirx.Var("eps", dtype)
     one = tirx.const(1, dtype)
 
-    t = te.reduce_axis((0, num_tiles), "t")
-    total = te.compute((channels,), lambda c: te.sum(tile_sum[t, c], axis=t), name="total")
-    mean = te.compute((channels,), lambda c: total[c] * tirx.const(1.0 / m, dtype), name="mean")
-    t2 = te.reduce_axis((0, num_tiles), "t2")
-
-    def merged_m2(c):
-        d = tile_sum[t2, c] * tirx.const(1.0 / tile_count, dtype) - mean[c]
-        return te.sum(tile_m2[t2, c] + tirx.const(tile_count, dtype) * d * d, axis=t2)
-
-    m2 = te.compute((channels,), merged_m2, name="m2")
+    mean, m2 = _merge_tiles(tile_sum, tile_m2, tile_count)
     invstd = te.compute(
         (channels,), lambda c: one / te.sqrt(m2[c] * tirx.const(1.0 / m, dtype) + eps), name="invstd"
     )
@@ -86,16 +95,7 @@ def channel_stats(num_tiles: int, channels: int, tile_count: int, dtype: str):
     shape = (num_tiles, channels)
     tile_sum = te.placeholder(shape, dtype, "tile_sum")
     tile_m2 = te.placeholder(shape, dtype, "tile_m2")
-    t = te.reduce_axis((0, num_tiles), "t")
-    total = te.compute((channels,), lambda c: te.sum(tile_sum[t, c], axis=t), name="total")
-    mean = te.compute((channels,), lambda c: total[c] * tirx.const(1.0 / m, dtype), name="mean")
-    t2 = te.reduce_axis((0, num_tiles), "t2")
-
-    def merged_m2(c):
-        d = tile_sum[t2, c] * tirx.const(1.0 / tile_count, dtype) - mean[c]
-        return te.sum(tile_m2[t2, c] + tirx.const(tile_count, dtype) * d * d, axis=t2)
-
-    m2 = te.compute((channels,), merged_m2, name="m2")
+    mean, m2 = _merge_tiles(tile_sum, tile_m2, tile_count)
     var = te.compute((channels,), lambda c: m2[c] * tirx.const(1.0 / m, dtype), name="var")
     return [tile_sum, tile_m2, mean, var]
 
