@@ -45,6 +45,7 @@ WGRAD_CASES = [
     ("3x3-stride2-uncovered-row", True, False, torch.float32),
     ("7x7-stride2-pad3", False, None, torch.float32),
     ("1x1-stride2-odd7", True, True, torch.float32),
+    ("1x1-stride2-odd7", False, None, torch.float32),  # the subsampled operand, plain (a downsample)
     ("2x3-stride3x2-pad0x1", False, True, torch.float32),
     ("1x1-batch1", True, None, torch.float64),
     ("3x3-stride2-uncovered-row", False, True, torch.float64),

@@ -42,6 +42,8 @@ for stride 1 without padding.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tvm import te, tirx
 
 from .conv2d_bn import Conv2dGeometry, prologue, zero_pad
@@ -271,4 +273,15 @@ def conv2d_wgrad(geo: Conv2dGeometry, dtype: str, grad_prologue_: bool, prologue
         shift = te.placeholder((geo.c,), dtype, "shift")
         args += [scale, shift]
         a = prologue(x_in, scale, shift, prologue_relu)
+    if (geo.r, geo.s) == (1, 1) and geo.padding == (0, 0) and geo.stride != (1, 1):
+        # a strided 1x1 conv reads only every stride-th row and column: its operand stage is
+        # that subsample, and the rest is a stride-1 1x1 weight gradient over it
+        return args + [wgrad_nchw(g, subsample(a, geo), replace(geo, h=geo.p, w=geo.q, stride=(1, 1)))]
     return args + [wgrad_nchw(g, zero_pad(a, geo.padding), geo)]
+
+
+def subsample(a: te.Tensor, geo: Conv2dGeometry) -> te.Tensor:
+    """Stage ``pad`` of a strided 1x1 convolution without padding: the input positions it
+    reads, a[n, c, p*sh, q*sw] (with the prologue, when there is one, applied to those only)."""
+    sh, sw = geo.stride
+    return te.compute((geo.n, geo.c, geo.p, geo.q), lambda n, c, p, q: a[n, c, p * sh, q * sw], name="pad")
