@@ -34,3 +34,18 @@ def test_traffic_model_covers_every_batchnorm(name):
     assert [row["name"] for row in t["layers"]] == bns
     assert all(row["fused"] != "none" for row in t["layers"])
     assert 0 < t["tvm_rbn_mib"] < t["eager_mib"]
+
+
+def test_layer_benchmark_times_every_side_of_each_kind(tmp_path):
+    from tvm_rbn.benchmarks import layers
+
+    out = tmp_path / "layers.json"
+    layers.main(["--model", "resnet18", "--batch", "2", "--size", "32", "--limit", "1", "--reps", "1",
+                 "--out", str(out), "--plot", str(tmp_path / "layers.png")])
+    r = json.loads(out.read_text())
+    assert {row["kind"] for row in r["rows"]} == {"forward", "dgrad", "wgrad"}
+    for row in r["rows"]:
+        med = row["median_ms"]
+        assert set(med) == {"tvm_rbn", "torch_unfused", "onednn", "onednn_cl"} and min(med.values()) > 0, row
+        assert math.isclose(row["vs_onednn_cl"], med["onednn_cl"] / med["tvm_rbn"]), row
+    assert set(r["summary"]) == {"forward", "dgrad", "wgrad"}

@@ -17,7 +17,10 @@ wgrad      [grad prologue] + [activation           torch.nn.grad.conv2d_weight (
                                                    gradient with dgrad: nothing to add)
 =========  ======================================  =========================================
 
-and ``onednn``: the convolution alone (F.conv2d, conv2d_input, conv2d_weight). Brackets are
+and ``onednn``: the convolution alone (F.conv2d, conv2d_input, conv2d_weight) on NCHW tensors,
+as eager PyTorch runs it; ``onednn_cl``: the same on channels-last tensors, as torch.compile
+runs it on CPU (Inductor converts a conv model's activations to channels-last, which spares
+oneDNN its per-call layout reorders; the tensors are converted before timing). Brackets are
 present when the kernel has that prologue / epilogue. Each BatchNorm's statistics are computed
 once either way: PyTorch's batch_norm computes those of its input, our forward kernel those
 of its output; PyTorch's BN backward forms the sums of its dz, our dgrad epilogue those of
@@ -161,6 +164,16 @@ class _Case:
         return lambda: torch.nn.grad.conv2d_weight(self.a, self.w.shape, self.grad, stride=self.stride,
                                                    padding=self.padding)
 
+    def onednn_channels_last(self):
+        g, cl = self.geo, torch.channels_last
+        a, w, grad = (t.contiguous(memory_format=cl) for t in (self.a, self.w, self.grad))
+        if self.spec.op == "conv2d_fused":
+            return lambda: F.conv2d(a, w, stride=self.stride, padding=self.padding)
+        if self.spec.op == "conv2d_dgrad":
+            return lambda: torch.nn.grad.conv2d_input((g.n, g.c, g.h, g.w), w, grad, stride=self.stride,
+                                                      padding=self.padding)
+        return lambda: torch.nn.grad.conv2d_weight(a, w.shape, grad, stride=self.stride, padding=self.padding)
+
     def torch_unfused(self):
         p, g = self.spec.kwargs, self.geo
         if self.spec.op == "conv2d_fused":
@@ -223,8 +236,8 @@ def run(model_name: str, batch: int, size: int, limit: int | None = None, kinds=
                 if kind not in kinds:
                     continue
                 case = _Case(spec)
-                med = median_times({"tvm_rbn": case.ours(), "torch_unfused": case.torch_unfused(), "onednn": case.onednn()},
-                            reps)
+                med = median_times({"tvm_rbn": case.ours(), "torch_unfused": case.torch_unfused(),
+                                    "onednn": case.onednn(), "onednn_cl": case.onednn_channels_last()}, reps)
                 row = {
                     "layer": layer_name(geo), "kind": kind, "kernel": flags(spec), "calls_per_step": count,
                     "gflop": geo.flops / 1e9, "spec": spec.key,
@@ -232,6 +245,7 @@ def run(model_name: str, batch: int, size: int, limit: int | None = None, kinds=
                     "gflops": {k: geo.flops / v / 1e9 for k, v in med.items()},
                     "vs_torch_unfused": med["torch_unfused"] / med["tvm_rbn"],
                     "vs_onednn": med["onednn"] / med["tvm_rbn"],
+                    "vs_onednn_cl": med["onednn_cl"] / med["tvm_rbn"],
                 }
                 rows.append(row)
                 progress(_format_row(row))
@@ -245,9 +259,11 @@ def run(model_name: str, batch: int, size: int, limit: int | None = None, kinds=
             "kernels": len(sel),
             "geomean_vs_torch_unfused": _gmean(r["vs_torch_unfused"] for r in sel),
             "geomean_vs_onednn": _gmean(r["vs_onednn"] for r in sel),
+            "geomean_vs_onednn_cl": _gmean(r["vs_onednn_cl"] for r in sel),
             "step_weighted_ms": total,
             "step_weighted_vs_torch_unfused": total["torch_unfused"] / total["tvm_rbn"],
             "step_weighted_vs_onednn": total["onednn"] / total["tvm_rbn"],
+            "step_weighted_vs_onednn_cl": total["onednn_cl"] / total["tvm_rbn"],
             "slowest_vs_torch_unfused": sorted(
                 ({"layer": r["layer"], "kernel": r["kernel"], "ratio": r["vs_torch_unfused"]} for r in sel),
                 key=lambda d: d["ratio"])[:3],
@@ -267,12 +283,12 @@ def run(model_name: str, batch: int, size: int, limit: int | None = None, kinds=
 def _format_row(r: dict) -> str:
     m = r["median_ms"]
     return (f"{r['layer']:<28}{r['kind']:<8}{r['kernel']:<22}{r['calls_per_step']:>3}{r['gflop']:>7.2f}"
-            f"{m['tvm_rbn']:>9.2f}{m['torch_unfused']:>9.2f}{m['onednn']:>9.2f}"
-            f"{r['vs_torch_unfused']:>7.2f}x{r['vs_onednn']:>7.2f}x")
+            f"{m['tvm_rbn']:>9.2f}{m['torch_unfused']:>9.2f}{m['onednn']:>9.2f}{m['onednn_cl']:>9.2f}"
+            f"{r['vs_torch_unfused']:>7.2f}x{r['vs_onednn']:>7.2f}x{r['vs_onednn_cl']:>7.2f}x")
 
 
 HEADER = (f"{'layer':<28}{'kind':<8}{'kernel':<22}{'#':>3}{'GFLOP':>7}{'ours ms':>9}{'torch ms':>9}"
-          f"{'onednn':>9}{'vs torch':>8}{'vs dnn':>8}")
+          f"{'onednn':>9}{'dnn cl':>9}{'vs torch':>8}{'vs dnn':>8}{'vs cl':>8}")
 
 
 def format_summary(r: dict) -> str:
@@ -281,13 +297,14 @@ def format_summary(r: dict) -> str:
     lines = [f"{r['model']} {tuple(r['input_shape'])} fp32, schedules {r['schedules']}; {m['cpu']} ({m['family']}), "
              f"threads torch {m['torch_threads']} / tvm {m['tvm_threads']}; median of {r['timing']['reps']} "
              f"alternating reps; load average {load['before'][0]:.1f} -> {load['after'][0]:.1f}",
-             f"{'kind':<9}{'kernels':>8}{'gmean vs torch':>16}{'gmean vs onednn':>17}{'step ms ours':>14}"
-             f"{'torch':>9}{'onednn':>9}{'step vs torch':>15}"]
+             f"{'kind':<9}{'kernels':>8}{'gmean vs torch':>16}{'gmean vs onednn':>17}{'vs onednn cl':>14}"
+             f"{'step ms ours':>14}{'torch':>9}{'onednn':>9}{'dnn cl':>9}{'step vs torch':>15}{'vs dnn cl':>11}"]
     for kind, s in r["summary"].items():
         t = s["step_weighted_ms"]
         lines.append(f"{kind:<9}{s['kernels']:>8}{s['geomean_vs_torch_unfused']:>15.2f}x{s['geomean_vs_onednn']:>16.2f}x"
-                     f"{t['tvm_rbn']:>14.1f}{t['torch_unfused']:>9.1f}{t['onednn']:>9.1f}"
-                     f"{s['step_weighted_vs_torch_unfused']:>14.2f}x")
+                     f"{s['geomean_vs_onednn_cl']:>13.2f}x{t['tvm_rbn']:>14.1f}{t['torch_unfused']:>9.1f}"
+                     f"{t['onednn']:>9.1f}{t['onednn_cl']:>9.1f}{s['step_weighted_vs_torch_unfused']:>14.2f}x"
+                     f"{s['step_weighted_vs_onednn_cl']:>10.2f}x")
     return "\n".join(lines)
 
 
@@ -304,17 +321,19 @@ def plot(r: dict, path: str | Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(max(8, 0.28 * len(rows)), 5))
     xs = range(len(rows))
     colors = {"forward": "tab:blue", "dgrad": "tab:orange", "wgrad": "tab:green"}
-    ax.bar([x - 0.2 for x in xs], [row["vs_torch_unfused"] for row in rows], 0.4,
+    ax.bar([x - 0.27 for x in xs], [row["vs_torch_unfused"] for row in rows], 0.27,
            color=[colors[row["kind"]] for row in rows], label="vs torch unfused")
-    ax.bar([x + 0.2 for x in xs], [row["vs_onednn"] for row in rows], 0.4,
+    ax.bar(list(xs), [row["vs_onednn"] for row in rows], 0.27,
            color=[colors[row["kind"]] for row in rows], alpha=0.45, label="vs oneDNN conv alone")
+    ax.bar([x + 0.27 for x in xs], [row["vs_onednn_cl"] for row in rows], 0.27, hatch="//", fill=False,
+           edgecolor=[colors[row["kind"]] for row in rows], label="vs oneDNN conv alone, channels-last")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_yscale("log")
     ax.set_ylabel("speed-up (torch time / tvm_rbn time)")
     ax.set_xticks(list(xs))
     ax.set_xticklabels([f"{row['layer']} {row['kind']}" for row in rows], rotation=90, fontsize=6)
     ax.set_title(f"{r['model']} {tuple(r['input_shape'])}: per-kernel speed-up (blue fwd, orange dgrad, "
-                 f"green wgrad; solid vs torch unfused, light vs oneDNN)", fontsize=8)
+                 f"green wgrad; solid vs torch unfused, light vs oneDNN, hatched vs oneDNN channels-last)", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
