@@ -33,6 +33,13 @@ def test_every_batchnorm_is_restructured(name):
         assert r.apply, r.name
 
 
+@pytest.mark.parametrize("name,stem_bn", [("resnet50", "bn1"), ("densenet121", "features.norm0")])
+def test_stem_batchnorm_applies_inside_the_max_pool(name, stem_bn):
+    rows = {r.name: r for r in tvm_rbn.report(tvm_rbn.restructure(MODELS[name](num_classes=10)))}
+    assert rows[stem_bn].fused == "full", rows[stem_bn]
+    assert rows[stem_bn].apply.startswith("max-pool kernel of"), rows[stem_bn].apply
+
+
 class CountCopies(TorchDispatchMode):
     """Counts concatenations and copies of 4-D (activation) tensors, including those inside
     tvm_rbn's custom ops (whose Python bodies are run under the mode)."""

@@ -356,6 +356,61 @@ def bn_add_relu_backward(da, a, y, coeffs, y2=None, coeffs2=None):
     return tuple(outs)
 
 
+
+def _pool_geometry(x, kernel, stride, padding) -> dict:
+    pair = lambda v: tuple(int(i) for i in v) if isinstance(v, (tuple, list)) else (int(v), int(v))  # noqa: E731
+    kernel, padding = pair(kernel), pair(padding)
+    stride = pair(stride) if stride is not None and stride != [] else kernel
+    if any(2 * p > k for p, k in zip(padding, kernel)):
+        raise check.InputError(f"max-pool padding {padding} exceeds half the kernel {kernel}")
+    h, w = x.shape[2:]
+    if h + 2 * padding[0] < kernel[0] or w + 2 * padding[1] < kernel[1]:
+        raise check.InputError(f"max-pool kernel {kernel} is larger than the padded input {tuple(x.shape)}")
+    return {"kernel": kernel, "stride": stride, "padding": padding}
+
+
+def _pool_out_shape(x, geo: dict) -> tuple:
+    (kh, kw), (sh, sw), (ph, pw) = geo["kernel"], geo["stride"], geo["padding"]
+    return (x.shape[0], x.shape[1], (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1)
+
+
+def bn_relu_maxpool(x, scale, shift, kernel_size, stride=None, padding=0, relu=True):
+    """max_pool2d(relu(x*scale + shift)) in one pass (dilation 1, floor mode), the applied
+    activation never stored. Returns (pooled, tap): tap (int32) is the window position
+    i*kw + j of each maximum (the first, in row-major order, as PyTorch picks it), for
+    ``bn_relu_maxpool_backward``."""
+    x = check.tensor(x, "x", 4)
+    scale, shift = _channel_pair(scale, shift, x.shape[1])
+    dtype = check.same_dtype(x=x, scale=scale, shift=shift)
+    geo = _pool_geometry(x, kernel_size, stride, padding)
+    fn = kernel(KernelSpec.make("bn_relu_maxpool", shape=tuple(x.shape), dtype=check.dtype_name(dtype),
+                                relu=bool(relu), **geo))
+    pooled = x.new_empty(_pool_out_shape(x, geo))
+    tap = torch.empty(pooled.shape, dtype=torch.int32)
+    fn(x, scale, shift, pooled, tap)
+    return pooled, tap
+
+
+def bn_relu_maxpool_backward(dpool, tap, x_raw, coeffs, kernel_size, stride=None, padding=0, relu=True):
+    """Backward of ``bn_relu_maxpool`` in one pass over (dpool, tap, x_raw): each window's
+    gradient goes to its maximum, masked by the ReLU. coeffs: the BatchNorm's forward
+    ``BNCoefficients``. Returns (grad_y = scale*dz, tile_dbeta, tile_dgamma) as
+    ``bn_add_relu_backward`` does for y."""
+    x_raw = check.tensor(x_raw, "x_raw", 4)
+    dpool = check.tensor(dpool, "dpool", 4)
+    geo = _pool_geometry(x_raw, kernel_size, stride, padding)
+    check.shape(dpool, "dpool", _pool_out_shape(x_raw, geo))
+    ct = _bn_forward_coeffs(coeffs, x_raw.shape[1])
+    dtype = check.same_dtype(dpool=dpool, x_raw=x_raw, **ct)
+    if tap.dtype != torch.int32 or tuple(tap.shape) != tuple(dpool.shape):
+        raise check.InputError(f"tap must be int32 of dpool's shape {tuple(dpool.shape)}; got {tap.dtype} "
+                               f"{tuple(tap.shape)}")
+    fn = kernel(KernelSpec.make("bn_relu_maxpool_backward", shape=tuple(x_raw.shape), dtype=check.dtype_name(dtype),
+                                relu=bool(relu), **geo))
+    outs = [torch.empty_like(x_raw), x_raw.new_empty(x_raw.shape[:2]), x_raw.new_empty(x_raw.shape[:2])]
+    fn(dpool, tap.contiguous(), x_raw, ct["scale"], ct["shift"], ct["mean"], ct["invstd"], *outs)
+    return tuple(outs)
+
 # ---------------------------------------------------------------------------------------------
 # Backward. See the "Backward" section of the module docstring for a worked chain.
 

@@ -171,6 +171,18 @@ def _bn_add_relu_backward(shape, dtype, second_bn):
     return bn_add_relu_backward(tuple(shape), dtype, second_bn)
 
 
+def _bn_relu_maxpool(shape, dtype, relu, kernel, stride, padding):
+    from .ops.pool import bn_relu_maxpool
+
+    return bn_relu_maxpool(tuple(shape), dtype, relu, tuple(kernel), tuple(stride), tuple(padding))
+
+
+def _bn_relu_maxpool_backward(shape, dtype, relu, kernel, stride, padding):
+    from .ops.pool import bn_relu_maxpool_backward
+
+    return bn_relu_maxpool_backward(tuple(shape), dtype, relu, tuple(kernel), tuple(stride), tuple(padding))
+
+
 _BUILDERS: dict[str, Callable[..., list]] = {
     "conv2d_fused": _conv2d_fused,
     "bn_finalize": _bn_finalize,
@@ -185,4 +197,6 @@ _BUILDERS: dict[str, Callable[..., list]] = {
     "bn_channel_stats": _bn_channel_stats,
     "bn_add_relu": _bn_add_relu,
     "bn_add_relu_backward": _bn_add_relu_backward,
+    "bn_relu_maxpool": _bn_relu_maxpool,
+    "bn_relu_maxpool_backward": _bn_relu_maxpool_backward,
 }

@@ -17,6 +17,7 @@ from .backward import BACKWARD_TEMPLATES
 from .common import dtype_of as _dtype
 from .common import plane_reductions
 from .conv import ConvTemplate
+from .pool import MaxPoolTemplate
 from .residual import ResidualBackwardTemplate
 
 
@@ -97,5 +98,5 @@ def _is_spatial(sch: Schedule, block) -> bool:
     return all(iv.iter_type == IterVar.DataPar for iv in sch.get(block).iter_vars)
 
 
-DEFAULT_TEMPLATES = [ConvTemplate, *BACKWARD_TEMPLATES, ResidualBackwardTemplate, PlaneStatsTemplate,
+DEFAULT_TEMPLATES = [ConvTemplate, *BACKWARD_TEMPLATES, ResidualBackwardTemplate, MaxPoolTemplate, PlaneStatsTemplate,
                      ElementwiseTemplate]

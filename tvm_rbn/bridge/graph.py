@@ -6,8 +6,9 @@ For every BatchNorm2d node:
              statistics come from a standalone kernel;
   activation the BN output, or the ReLU that is its only user;
   consumers  each Conv2d reading the activation as its input takes (y, coeffs) and
-             applies BN(+ReLU) in its prologue; any other user reads one materialized
-             activation (standalone apply kernel).
+             applies BN(+ReLU) in its prologue; a MaxPool2d (a stem's) becomes one fused
+             BN(+ReLU) + max-pool kernel; any other user reads one materialized activation
+             (standalone apply kernel).
 
 BatchNorms named in `fallback` (measured slower than PyTorch at build time, or forced) stay
 unchanged PyTorch modules, like unsupported ones, and so does the conv that produces their
@@ -23,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from .dense import SHARED_HOW, rewrite_dense_blocks
-from .modules import RBNBatchNorm2d, RBNConv2d, bn_add_relu, bn_apply
+from .modules import RBNBatchNorm2d, RBNConv2d, bn_add_relu, bn_apply, bn_maxpool
 
 
 @dataclass
@@ -201,7 +202,14 @@ def rewrite(gm: fx.GraphModule, prefix: str = "", fallback: dict[str, str] | Non
                 _fuse_add_relu(graph, user, act, residual, act_info, decision, prefix)
                 continue
             conv = _module(user, modules)
-            if user.op == "call_module" and user.target in pytorch_convs:
+            pool = _fusable_maxpool(user, act, modules)
+            if pool is not None:
+                with graph.inserting_before(user):
+                    new = graph.call_function(bn_maxpool, (y, coeffs, relu, *pool))
+                user.replace_all_uses_with(new)
+                graph.erase_node(user)
+                decision.apply.append(f"max-pool kernel of {prefix}{user.target} (one pass)")
+            elif user.op == "call_module" and user.target in pytorch_convs:
                 user.replace_input_with(act, _materialize(graph, act, act_info))
                 decision.apply.append(f"standalone for {prefix}{user.target} (left in PyTorch with its BatchNorm)")
             elif (conv is not None and not conv_unsupported(conv) and single_use(user) and len(user.args) == 1
@@ -223,6 +231,20 @@ def rewrite(gm: fx.GraphModule, prefix: str = "", fallback: dict[str, str] | Non
     graph.lint()
     gm.recompile()
     return decisions
+
+
+def _fusable_maxpool(user: fx.Node, act: fx.Node, modules: dict):
+    """(kernel, stride, padding) of an nn.MaxPool2d reading only the activation, in the
+    form the fused kernel computes (dilation 1, floor mode, no indices); else None."""
+    pool = _module(user, modules)
+    if type(pool) is not nn.MaxPool2d or user.args != (act,) or user.kwargs:
+        return None
+    pair = lambda v: [int(i) for i in v] if isinstance(v, (tuple, list)) else [int(v), int(v)]  # noqa: E731
+    kernel, padding, dilation = pair(pool.kernel_size), pair(pool.padding), pair(pool.dilation)
+    stride = pair(pool.stride) if pool.stride is not None else kernel
+    if dilation != [1, 1] or pool.ceil_mode or pool.return_indices or any(2 * p > k for p, k in zip(padding, kernel)):
+        return None
+    return kernel, stride, padding
 
 
 def _fuse_add_relu(graph: fx.Graph, add: fx.Node, act: fx.Node, residual, act_info: dict, decision: BNDecision,

@@ -15,6 +15,12 @@ def bn_apply(y: torch.Tensor, coeffs: torch.Tensor, relu: bool) -> torch.Tensor:
     return torch.ops.tvm_rbn.bn_apply(y, coeffs, relu)
 
 
+def bn_maxpool(y: torch.Tensor, coeffs: torch.Tensor, relu: bool, kernel: list, stride: list,
+               padding: list) -> torch.Tensor:
+    """max_pool2d(relu(BN(y))) without the applied activation in memory."""
+    return torch.ops.tvm_rbn.bn_maxpool(y, coeffs, relu, kernel, stride, padding)[0]
+
+
 def bn_add_relu(y: torch.Tensor, coeffs: torch.Tensor, other: torch.Tensor, coeffs_other) -> torch.Tensor:
     """relu(BN(y) + other), other a tensor (coeffs_other None) or a second BN's raw output."""
     return torch.ops.tvm_rbn.bn_add_relu(y, coeffs, other, coeffs_other)

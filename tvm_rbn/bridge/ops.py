@@ -12,6 +12,8 @@ compute relu(y*scale + shift), and reduce their BatchNorm gradient partials cent
     bn_apply        the standalone apply(+ReLU), for consumers that are not our convs
     bn_add_relu     the end of a residual block, relu(bn(y) + identity) or relu(bn(y) + bn2(y2)),
                     one pass forward and one backward (masked gradient + both BNs' partials)
+    bn_maxpool      max_pool2d(relu(bn(y))) (a stem), one pass forward (the pooled tensor and
+                    each window's argmax tap) and one backward (scatter + ReLU mask + partials)
 
 Gradient convention for ``coeffs`` (private to these ops, which are its only producers and
 consumers): the gradient a consumer returns for coeffs holds, in row 0, its part of
@@ -195,6 +197,21 @@ def _(y, coeffs, other, coeffs_other):
     return torch.empty_like(y)
 
 
+@torch.library.custom_op(f"{_LIB}::bn_maxpool", mutates_args=())
+def bn_maxpool(y: Tensor, coeffs: Tensor, relu: bool, kernel: list[int], stride: list[int],
+               padding: list[int]) -> tuple[Tensor, Tensor]:
+    """(max_pool2d(relu(y*scale + shift)), the int32 argmax tap of each window)."""
+    c = _coeffs(coeffs)
+    return rbn.bn_relu_maxpool(y.detach(), c.scale, c.shift, kernel, stride, padding, relu)
+
+
+@bn_maxpool.register_fake
+def _(y, coeffs, relu, kernel, stride, padding):
+    shape = (y.shape[0], y.shape[1], (y.shape[2] + 2 * padding[0] - kernel[0]) // stride[0] + 1,
+             (y.shape[3] + 2 * padding[1] - kernel[1]) // stride[1] + 1)
+    return y.new_empty(shape), y.new_empty(shape, dtype=torch.int32)
+
+
 # --- backward ops ------------------------------------------------------------------------------
 
 
@@ -268,6 +285,20 @@ def bn_add_relu_backward(grad: Tensor, a: Tensor, y: Tensor, coeffs: Tensor, y2:
 def _(grad, a, y, coeffs, y2, coeffs2):
     return (torch.empty_like(y), torch.empty_like(y), coeffs.new_empty(coeffs.shape),
             coeffs.new_empty(coeffs.shape if coeffs2 is not None else (0,)))
+
+
+@torch.library.custom_op(f"{_LIB}::bn_maxpool_backward", mutates_args=())
+def bn_maxpool_backward(grad: Tensor, tap: Tensor, y: Tensor, coeffs: Tensor, relu: bool, kernel: list[int],
+                        stride: list[int], padding: list[int]) -> tuple[Tensor, Tensor]:
+    """Gradients of y (scale*dz) and of coeffs, from one pass over grad, tap and y."""
+    g_y, tile_dbeta, tile_dgamma = rbn.bn_relu_maxpool_backward(grad, tap, y, _coeffs(coeffs), kernel, stride,
+                                                                padding, relu)
+    return g_y, _grad_coeffs(tile_dgamma.sum(0), tile_dbeta.sum(0))
+
+
+@bn_maxpool_backward.register_fake
+def _(grad, tap, y, coeffs, relu, kernel, stride, padding):
+    return torch.empty_like(y), coeffs.new_empty(coeffs.shape)
 
 
 # --- autograd formulas -------------------------------------------------------------------------
@@ -414,3 +445,22 @@ def _backward_add_relu(ctx, g):
 
 
 torch.library.register_autograd(f"{_LIB}::bn_add_relu", _backward_add_relu, setup_context=_setup_add_relu)
+
+
+
+def _setup_maxpool(ctx, inputs, output):
+    y, coeffs, relu, kernel, stride, padding = inputs
+    ctx.save_for_backward(y, coeffs, output[1])
+    ctx.conf = (relu, list(kernel), list(stride), list(padding))
+
+
+def _backward_maxpool(ctx, g, _g_tap):
+    y, coeffs, tap = ctx.saved_tensors
+    relu, kernel, stride, padding = ctx.conf
+    g_y, g_coeffs = torch.ops.tvm_rbn.bn_maxpool_backward(g.contiguous(), tap, y, coeffs, relu, kernel, stride,
+                                                          padding)
+    need = ctx.needs_input_grad
+    return g_y if need[0] else None, g_coeffs if need[1] else None, None, None, None, None
+
+
+torch.library.register_autograd(f"{_LIB}::bn_maxpool", _backward_maxpool, setup_context=_setup_maxpool)

@@ -27,4 +27,8 @@ Backward (``conv2d_bn_backward``, ``bn_backward``):
 Residual branch end (``residual``): ``act`` = relu(y*scale + shift + identity or a second
 BatchNorm's output); backward ``dz``, ``grad_y``, ``grad_y2`` / ``grad_identity``,
 ``tile_dbeta``, ``tile_dgamma``, ``tile_dgamma2``.
+
+Max pool of a BatchNorm(+ReLU) output (``pool``): ``act_pad`` (the applied plane, -inf in the
+padding), ``pool`` (value and argmax tap); backward ``dz``, ``grad_y``, ``tile_dbeta``,
+``tile_dgamma`` (the residual backward's names and template).
 """

@@ -1,0 +1,43 @@
+"""Default x86 schedule of the BatchNorm(+ReLU) max pool (``tvm_rbn.ops.pool``).
+
+Forward: one task per (n, c) plane (parallel): the task applies the BatchNorm(+ReLU) to its
+plane into a padded buffer (vectorized rows, in cache), then reduces each window in
+row-major order (the first maximum wins, as in PyTorch), unrolled, for a vector of output
+columns at a time. The backward has the
+residual backward's stages and takes its template (``residual.ResidualBackwardTemplate``).
+"""
+from __future__ import annotations
+
+from tvm.s_tir import Schedule
+
+from tvm_rbn.build.target import vector_lanes
+
+from . import common as cm
+
+
+class MaxPoolTemplate:
+    @staticmethod
+    def apply(func, family: str):
+        sch = Schedule(func)
+        blocks = cm.blocks(sch)
+        if "pool" not in blocks:
+            return None
+        pool = blocks["pool"]
+        lanes = vector_lanes(family, cm.dtype_of(sch, pool))
+        n, c, p, q, ri, rj = sch.get_loops(pool)
+        plane = sch.fuse(n, c)
+        sch.parallel(plane)
+        act = blocks["act_pad"]
+        sch.compute_at(act, plane, preserve_unit_loops=True)
+        cm.vectorize_inner(sch, act, lanes)
+        qo, qi = sch.split(q, [None, cm.largest_divisor(int(sch.get(q).extent), lanes)])
+        sch.reorder(p, qo, ri, rj, qi)
+        vector = int(sch.get(qi).extent) > 1
+        if vector:
+            sch.vectorize(qi)
+        init = sch.decompose_reduction(pool, ri)
+        sch.unroll(ri)
+        sch.unroll(rj)
+        if vector:
+            sch.vectorize(sch.get_loops(init)[-1])
+        return sch

@@ -1,0 +1,114 @@
+"""BatchNorm apply (+ReLU) fused into the max pool that reads it (a ResNet/DenseNet stem).
+
+Forward, from the raw conv output y and the BatchNorm's per-channel (scale, shift)::
+
+    a = relu(y*scale + shift)                                   (or without the ReLU)
+    pool[n, c, p, q], tap[n, c, p, q] = max, first argmax over the window's in-image positions
+
+the window of (p, q) being rows p*sh - ph + i, columns q*sw - pw + j (i < kh, j < kw), and
+``tap`` = i*kw + j of the first position (row-major) holding the maximum, as PyTorch's
+max_pool2d picks it; positions outside the image never win. ``a`` is never stored.
+
+Backward, given the pooled gradient ``dpool``: an input position (h, w) gets the gradient of
+every window whose tap points at it (at most ceil(kh/sh)*ceil(kw/sw) windows contain it),
+masked by the ReLU (a > 0), and reduced per (n, c) plane into the BatchNorm partials::
+
+    dz = [a > 0] * sum_{windows (p, q) of (h, w) with tap[n, c, p, q] at (h, w)} dpool[n, c, p, q]
+    grad_y = scale*dz,  tile_dbeta = sum_{h,w} dz,  tile_dgamma = sum_{h,w} dz*(y - mean)*invstd
+
+one pass over (dpool, tap, y). Stage names: ``act_pad`` (the applied plane, -inf in the
+padding, so that padding never wins), ``pool`` (forward); ``dz``, ``grad_y``,
+``tile_dbeta``, ``tile_dgamma`` (backward, the residual backward's names: the same template
+schedules both).
+"""
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from .residual import _plane_sum
+
+
+def out_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def _first_max():
+    """(value, tap) reducer: the accumulated pair stays unless the new value is strictly larger."""
+
+    def combine(lhs, rhs):
+        take = rhs[0] > lhs[0]
+        return tirx.Select(take, rhs[0], lhs[0]), tirx.Select(take, rhs[1], lhs[1])
+
+    def identity(value_dtype, tap_dtype):
+        return tirx.min_value(value_dtype), tirx.const(-1, tap_dtype)
+
+    return te.comm_reducer(combine, identity, name="first_max")
+
+
+def bn_relu_maxpool(shape: tuple[int, int, int, int], dtype: str, relu: bool, kernel: tuple[int, int],
+                    stride: tuple[int, int], padding: tuple[int, int]):
+    """Arguments: y, scale, shift, outputs pool, tap (int32)."""
+    n, c, h, w = shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    p, q = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
+    y = te.placeholder(shape, dtype, "y")
+    scale, shift = te.placeholder((c,), dtype, "scale"), te.placeholder((c,), dtype, "shift")
+    zero = tirx.const(0, dtype)
+
+    def act_pad(b, k, row, col):
+        inside = tirx.all(row >= ph, row < h + ph, col >= pw, col < w + pw)
+        z = y[b, k, row - ph, col - pw] * scale[k] + shift[k]
+        return tirx.if_then_else(inside, te.max(z, zero) if relu else z, tirx.min_value(dtype))
+
+    a_pad = te.compute((n, c, h + 2 * ph, w + 2 * pw), act_pad, name="act_pad")
+    ri = te.reduce_axis((0, kh), "ri")
+    rj = te.reduce_axis((0, kw), "rj")
+    first_max = _first_max()
+
+    def f(b, k, i, j):
+        return first_max((a_pad[b, k, i * sh + ri, j * sw + rj], ri * kw + rj), axis=[ri, rj])
+
+    pool, tap = te.compute((n, c, p, q), f, name="pool")
+    return [y, scale, shift, pool, tap]
+
+
+def bn_relu_maxpool_backward(shape: tuple[int, int, int, int], dtype: str, relu: bool, kernel: tuple[int, int],
+                             stride: tuple[int, int], padding: tuple[int, int]):
+    """Arguments: dpool, tap, y, scale, shift, mean, invstd, outputs grad_y, tile_dbeta,
+    tile_dgamma. ``shape`` is the pool input's (that of y)."""
+    n, c, h, w = shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    p, q = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
+    dpool = te.placeholder((n, c, p, q), dtype, "dpool")
+    tap = te.placeholder((n, c, p, q), "int32", "tap")
+    y = te.placeholder(shape, dtype, "y")
+    scale, shift, mean, invstd = (te.placeholder((c,), dtype, name) for name in ("scale", "shift", "mean", "invstd"))
+    zero = tirx.const(0, dtype)
+
+    def gathered(b, k, row, col):
+        # windows containing (row, col): p = (row + ph)//sh - i for i < ceil(kh/sh), when in
+        # range and the window still reaches the row (its tap row row + ph - p*sh < kh)
+        total = zero
+        for i in range(-(-kh // sh)):
+            for j in range(-(-kw // sw)):
+                wp = tirx.floordiv(row + ph, sh) - i
+                wq = tirx.floordiv(col + pw, sw) - j
+                ti, tj = row + ph - wp * sh, col + pw - wq * sw
+                ok = tirx.all(wp >= 0, wp < p, wq >= 0, wq < q, ti < kh, tj < kw)
+                wpc, wqc = tirx.max(tirx.min(wp, p - 1), 0), tirx.max(tirx.min(wq, q - 1), 0)
+                hit = tirx.all(ok, tap[b, k, wpc, wqc] == ti * kw + tj)
+                total = total + tirx.Select(hit, dpool[b, k, wpc, wqc], zero)
+        return total
+
+    def dz_f(b, k, row, col):
+        g = gathered(b, k, row, col)
+        if not relu:
+            return g
+        return tirx.Select(y[b, k, row, col] * scale[k] + shift[k] > zero, g, zero)
+
+    dz = te.compute(shape, dz_f, name="dz")
+    grad_y = te.compute(shape, lambda b, k, i, j: scale[k] * dz[b, k, i, j], name="grad_y")
+    dbeta = _plane_sum(shape, lambda b, k, i, j: dz[b, k, i, j], "tile_dbeta")
+    dgamma = _plane_sum(shape, lambda b, k, i, j: dz[b, k, i, j] * ((y[b, k, i, j] - mean[k]) * invstd[k]),
+                        "tile_dgamma")
+    return [dpool, tap, y, scale, shift, mean, invstd, grad_y, dbeta, dgamma]
