@@ -8,7 +8,8 @@ For each model, at the batch and size given, fp32, every side at torch's thread 
      alternation, medians; the BatchNorm traffic model; peak memory (``memory``);
   2. per layer (``layers``): each fused kernel (forward, data gradient, weight gradient)
      against PyTorch's unfused sequence for that layer and against the oneDNN convolution
-     alone, for `--layers` layers spread over the model's FLOPs (0: every layer).
+     alone, on NCHW tensors (as eager runs it) and on channels-last ones (as torch.compile
+     does), for `--layers` layers spread over the model's FLOPs (0: every layer).
 Printed as tables; saved as OUT_step.json/.png and OUT_layers_<model>.json/.png.
 """
 from __future__ import annotations
