@@ -73,8 +73,9 @@ def _make_callback(scratch: Path, out: Path, budget_trials: int, deadline: float
             records.publish(scratch, out)
             _progress(min(self.done, budget_trials), budget_trials, start, stream)
             if time.perf_counter() > deadline:
-                for i in range(len(task_scheduler.tasks_)):
-                    task_scheduler.terminate_task(i)
+                for i, task in enumerate(task_scheduler.tasks_):
+                    if not task.is_terminated:  # terminating one twice is an error in TVM
+                        task_scheduler.terminate_task(i)
 
     return PublishAndReport()
 
