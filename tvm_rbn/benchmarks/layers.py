@@ -26,6 +26,10 @@ once either way: PyTorch's batch_norm computes those of its input, our forward k
 of its output; PyTorch's BN backward forms the sums of its dz, our dgrad epilogue those of
 the previous BatchNorm.
 
+Our kernel's outputs are allocated per call, as the bridge allocates them, and PyTorch's
+functions allocate theirs: a fresh tensor of more than glibc's mmap threshold (32 MiB at
+most) is new memory whose pages fault on first touch, on both sides alike.
+
 Timing: sides alternate (the first side alternates too); before each timed call the same side
 runs one untimed call (it absorbs the other runtime's still-spinning threads); median of
 --reps. Ratios are torch time / our time (> 1: we are faster); the summary gives each kind's
@@ -127,31 +131,42 @@ class _Case:
 
     # --- ours ------------------------------------------------------------------------------
     def ours(self):
+        """One kernel call, its outputs allocated per call as the bridge does (PyTorch's sides
+        allocate theirs too: fresh large tensors cost page faults on both sides)."""
         from ..build.provider import kernel
 
         fn = kernel(self.spec)
         p, g = self.spec.kwargs, self.geo
-        new = lambda *s: torch.empty(*s, dtype=self.dtype)  # noqa: E731
         grad_args = [self.grad] if not p.get("grad_prologue") else [self.grad, self.y, self.c1, self.c2, self.c3]
         if self.spec.op == "conv2d_fused":
             args = [self.x] + ([self.scale, self.shift] if p["prologue_relu"] is not None else []) + [self.w]
-            args += [new(*g.out_shape)] + ([new(g.n, g.k), new(g.n, g.k)] if p["stats"] else [])
+            outs = [g.out_shape] + ([(g.n, g.k), (g.n, g.k)] if p["stats"] else [])
         elif self.spec.op == "conv2d_dgrad":
             args = grad_args + [self.w]
             if p["epilogue_relu"] is None:
-                args += [new(g.n, g.c, g.h, g.w)]
+                outs = [(g.n, g.c, g.h, g.w)]
             else:
                 args += [self.x] + ([self.scale, self.shift] if p["epilogue_relu"] else [])
-                args += [self.in_mean, self.in_invstd, new(g.n, g.c, g.h, g.w), new(g.n, g.c), new(g.n, g.c)]
+                args += [self.in_mean, self.in_invstd]
+                outs = [(g.n, g.c, g.h, g.w), (g.n, g.c), (g.n, g.c)]
         else:
             args = grad_args + [self.x] + ([self.scale, self.shift] if p["prologue_relu"] is not None else [])
-            args += [new(g.k, g.c, g.r, g.s)]
-        for index, total in p.get("views") or ():  # channel slices of a wider buffer (DenseNet blocks)
-            t = args[index]
-            buffer = t.new_zeros(t.shape[0], total, *t.shape[2:])
-            args[index] = buffer[:, total - t.shape[1]:]
-            args[index].copy_(t)
-        return lambda: fn(*args)
+            outs = [(g.k, g.c, g.r, g.s)]
+        fixed = {}  # channel slices of a wider buffer (DenseNet blocks): allocated once per block
+        for index, total in p.get("views") or ():
+            shape = outs[index - len(args)] if index >= len(args) else tuple(args[index].shape)
+            buffer = torch.zeros(shape[0], total, *shape[2:], dtype=self.dtype)
+            fixed[index] = buffer[:, total - shape[1]:]
+            if index < len(args):
+                fixed[index].copy_(args[index])
+        args = [fixed.get(i, a) for i, a in enumerate(args)]
+        first_out = len(args)
+
+        def call():
+            fn(*args, *(fixed.get(first_out + i) if first_out + i in fixed else torch.empty(shape, dtype=self.dtype)
+                        for i, shape in enumerate(outs)))
+
+        return call
 
     # --- PyTorch ---------------------------------------------------------------------------
     def onednn(self):
