@@ -117,3 +117,16 @@ def test_restructured_stem_matches_pytorch_fp64(pool):
             assert_close(p.grad, q.grad, f"step {step}: gradient of {name}", scale=max(1.0, float(q.grad.abs().max())))
     for key, value in ref_model.state_dict().items():
         assert_close(model.state_dict()[key].double(), value.double(), f"running statistics: {key}")
+
+
+def test_fused_pool_runs_under_torch_compile():
+    torch.manual_seed(0)
+    ref_model = Stem(nn.MaxPool2d(3, 2, 1)).train()
+    model = torch.compile(tvm_rbn.restructure(copy.deepcopy(ref_model)))
+    x = torch.randn(2, 3, 16, 16)
+    out, ref_out = model(x), ref_model(x)
+    out.sum().backward()
+    ref_out.sum().backward()
+    assert_close(out, ref_out, "output under torch.compile")
+    assert_close(model.bn1.weight.grad, ref_model.bn1.weight.grad, "stem BatchNorm's gamma gradient",
+                 scale=max(1.0, float(ref_model.bn1.weight.grad.abs().max())))

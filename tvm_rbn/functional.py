@@ -356,7 +356,6 @@ def bn_add_relu_backward(da, a, y, coeffs, y2=None, coeffs2=None):
     return tuple(outs)
 
 
-
 def _pool_geometry(x, kernel, stride, padding) -> dict:
     pair = lambda v: tuple(int(i) for i in v) if isinstance(v, (tuple, list)) else (int(v), int(v))  # noqa: E731
     kernel, padding = pair(kernel), pair(padding)
@@ -402,14 +401,15 @@ def bn_relu_maxpool_backward(dpool, tap, x_raw, coeffs, kernel_size, stride=None
     check.shape(dpool, "dpool", _pool_out_shape(x_raw, geo))
     ct = _bn_forward_coeffs(coeffs, x_raw.shape[1])
     dtype = check.same_dtype(dpool=dpool, x_raw=x_raw, **ct)
-    if tap.dtype != torch.int32 or tuple(tap.shape) != tuple(dpool.shape):
-        raise check.InputError(f"tap must be int32 of dpool's shape {tuple(dpool.shape)}; got {tap.dtype} "
-                               f"{tuple(tap.shape)}")
+    if tap.dtype != torch.int32 or tuple(tap.shape) != tuple(dpool.shape) or tap.device != dpool.device:
+        raise check.InputError(f"tap must be int32 of dpool's shape {tuple(dpool.shape)} on {dpool.device}; got "
+                               f"{tap.dtype} {tuple(tap.shape)} on {tap.device}")
     fn = kernel(KernelSpec.make("bn_relu_maxpool_backward", shape=tuple(x_raw.shape), dtype=check.dtype_name(dtype),
                                 relu=bool(relu), **geo))
     outs = [torch.empty_like(x_raw), x_raw.new_empty(x_raw.shape[:2]), x_raw.new_empty(x_raw.shape[:2])]
     fn(dpool, tap.contiguous(), x_raw, ct["scale"], ct["shift"], ct["mean"], ct["invstd"], *outs)
     return tuple(outs)
+
 
 # ---------------------------------------------------------------------------------------------
 # Backward. See the "Backward" section of the module docstring for a worked chain.

@@ -447,7 +447,6 @@ def _backward_add_relu(ctx, g):
 torch.library.register_autograd(f"{_LIB}::bn_add_relu", _backward_add_relu, setup_context=_setup_add_relu)
 
 
-
 def _setup_maxpool(ctx, inputs, output):
     y, coeffs, relu, kernel, stride, padding = inputs
     ctx.save_for_backward(y, coeffs, output[1])
