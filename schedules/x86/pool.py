@@ -16,6 +16,8 @@ from . import common as cm
 
 
 class MaxPoolTemplate:
+    """The forward max pool (stage ``pool``); None for other kernels."""
+
     @staticmethod
     def apply(func, family: str):
         sch = Schedule(func)

@@ -159,12 +159,12 @@ class _Case:
             fixed[index] = buffer[:, total - shape[1]:]
             if index < len(args):
                 fixed[index].copy_(args[index])
+        out_views = {i - len(args): t for i, t in fixed.items() if i >= len(args)}
         args = [fixed.get(i, a) for i, a in enumerate(args)]
-        first_out = len(args)
 
         def call():
-            fn(*args, *(fixed.get(first_out + i) if first_out + i in fixed else torch.empty(shape, dtype=self.dtype)
-                        for i, shape in enumerate(outs)))
+            fresh = [out_views[i] if i in out_views else torch.empty(s, dtype=self.dtype) for i, s in enumerate(outs)]
+            fn(*args, *fresh)
 
         return call
 

@@ -7,7 +7,8 @@ Forward, from the raw conv output y and the BatchNorm's per-channel (scale, shif
 
 the window of (p, q) being rows p*sh - ph + i, columns q*sw - pw + j (i < kh, j < kw), and
 ``tap`` = i*kw + j of the first position (row-major) holding the maximum, as PyTorch's
-max_pool2d picks it; positions outside the image never win. ``a`` is never stored.
+max_pool2d picks it; positions outside the image never win. The x86 template computes ``a`` plane
+by plane in cache (stage ``act_pad``): it never goes to main memory.
 
 Backward, given the pooled gradient ``dpool``: an input position (h, w) gets the gradient of
 every window whose tap points at it (at most ceil(kh/sh)*ceil(kw/sw) windows contain it),
