@@ -57,9 +57,20 @@ def _progress(done: int, total: int, start: float, stream) -> None:
     stream.flush()
 
 
+class _ClockExpired(Exception):
+    """Raised from the measure callback to stop MetaSchedule when --seconds has run out."""
+
+
 def _make_callback(scratch: Path, out: Path, budget_trials: int, deadline: float, start: float, stream):
+    """(callback, state): state["expired"] tells that the callback stopped the search.
+
+    Past the deadline the callback raises rather than terminating tasks: the task schedulers
+    check that a task they pick or join is not terminated, and a callback runs in the middle
+    of their loop (terminating from it failed both ways in real runs)."""
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
     from tvm.ir.utils import derived_object
+
+    state = {"expired": False}
 
     @derived_object
     class PublishAndReport(PyMeasureCallback):
@@ -73,11 +84,10 @@ def _make_callback(scratch: Path, out: Path, budget_trials: int, deadline: float
             records.publish(scratch, out)
             _progress(min(self.done, budget_trials), budget_trials, start, stream)
             if time.perf_counter() > deadline:
-                for i, task in enumerate(task_scheduler.tasks_):
-                    if not task.is_terminated:  # terminating one twice is an error in TVM
-                        task_scheduler.terminate_task(i)
+                state["expired"] = True
+                raise _ClockExpired(f"the clock budget ran out after {self.done} trials")
 
-    return PublishAndReport()
+    return PublishAndReport(), state
 
 
 def tune_specs(
@@ -145,12 +155,17 @@ def tune_specs(
         already += sum(1 for row in report_rows if row.get("default_measured"))
         lines_before_search = sum(1 for _ in open(scratch / records.RECORDS))
         callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
-        callbacks.append(_make_callback(scratch, out, remaining, deadline, start, stream))
-        ms.tune_tasks(
-            tasks=tasks, task_weights=weights, work_dir=str(scratch), max_trials_global=remaining,
-            num_trials_per_iter=trials_per_batch, builder=builder, runner=runner, database=db,
-            cost_model="xgb", measure_callbacks=callbacks, task_scheduler="gradient",
-        )
+        publisher, clock = _make_callback(scratch, out, remaining, deadline, start, stream)
+        callbacks.append(publisher)
+        try:
+            ms.tune_tasks(
+                tasks=tasks, task_weights=weights, work_dir=str(scratch), max_trials_global=remaining,
+                num_trials_per_iter=trials_per_batch, builder=builder, runner=runner, database=db,
+                cost_model="xgb", measure_callbacks=callbacks, task_scheduler="gradient",
+            )
+        except Exception:
+            if not clock["expired"]:
+                raise
         records.publish(scratch, out)
         measured = sum(1 for _ in open(scratch / records.RECORDS)) - lines_before_search
         stream.write("\n")
