@@ -356,21 +356,28 @@ def bn_add_relu_backward(da, a, y, coeffs, y2=None, coeffs2=None):
     return tuple(outs)
 
 
-def _pool_geometry(x, kernel, stride, padding) -> dict:
-    pair = lambda v: tuple(int(i) for i in v) if isinstance(v, (tuple, list)) else (int(v), int(v))  # noqa: E731
-    kernel, padding = pair(kernel), pair(padding)
-    stride = pair(stride) if stride is not None and stride != [] else kernel
+def pool_geometry(kernel_size, stride=None, padding=0) -> dict:
+    """max_pool2d's arguments as pairs: {"kernel", "stride" (default: the kernel), "padding"}."""
+    kernel = check.pair(kernel_size, "kernel_size", 1)
+    return {"kernel": kernel, "stride": check.pair(stride, "stride", 1) if stride else kernel,
+            "padding": check.pair(padding, "padding", 0)}
+
+
+def pool_output_shape(shape, geo: dict) -> tuple:
+    """The pooled (N, C, P, Q) of an input `shape` (floor mode)."""
+    (kh, kw), (sh, sw), (ph, pw) = geo["kernel"], geo["stride"], geo["padding"]
+    return (shape[0], shape[1], (shape[2] + 2 * ph - kh) // sh + 1, (shape[3] + 2 * pw - kw) // sw + 1)
+
+
+def _checked_pool_geometry(x, kernel_size, stride, padding) -> dict:
+    geo = pool_geometry(kernel_size, stride, padding)
+    kernel, padding = geo["kernel"], geo["padding"]
     if any(2 * p > k for p, k in zip(padding, kernel)):
         raise check.InputError(f"max-pool padding {padding} exceeds half the kernel {kernel}")
     h, w = x.shape[2:]
     if h + 2 * padding[0] < kernel[0] or w + 2 * padding[1] < kernel[1]:
         raise check.InputError(f"max-pool kernel {kernel} is larger than the padded input {tuple(x.shape)}")
-    return {"kernel": kernel, "stride": stride, "padding": padding}
-
-
-def _pool_out_shape(x, geo: dict) -> tuple:
-    (kh, kw), (sh, sw), (ph, pw) = geo["kernel"], geo["stride"], geo["padding"]
-    return (x.shape[0], x.shape[1], (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1)
+    return geo
 
 
 def bn_relu_maxpool(x, scale, shift, kernel_size, stride=None, padding=0, relu=True):
@@ -381,10 +388,10 @@ def bn_relu_maxpool(x, scale, shift, kernel_size, stride=None, padding=0, relu=T
     x = check.tensor(x, "x", 4)
     scale, shift = _channel_pair(scale, shift, x.shape[1])
     dtype = check.same_dtype(x=x, scale=scale, shift=shift)
-    geo = _pool_geometry(x, kernel_size, stride, padding)
+    geo = _checked_pool_geometry(x, kernel_size, stride, padding)
     fn = kernel(KernelSpec.make("bn_relu_maxpool", shape=tuple(x.shape), dtype=check.dtype_name(dtype),
                                 relu=bool(relu), **geo))
-    pooled = x.new_empty(_pool_out_shape(x, geo))
+    pooled = x.new_empty(pool_output_shape(x.shape, geo))
     tap = torch.empty(pooled.shape, dtype=torch.int32)
     fn(x, scale, shift, pooled, tap)
     return pooled, tap
@@ -397,8 +404,8 @@ def bn_relu_maxpool_backward(dpool, tap, x_raw, coeffs, kernel_size, stride=None
     ``bn_add_relu_backward`` does for y."""
     x_raw = check.tensor(x_raw, "x_raw", 4)
     dpool = check.tensor(dpool, "dpool", 4)
-    geo = _pool_geometry(x_raw, kernel_size, stride, padding)
-    check.shape(dpool, "dpool", _pool_out_shape(x_raw, geo))
+    geo = _checked_pool_geometry(x_raw, kernel_size, stride, padding)
+    check.shape(dpool, "dpool", pool_output_shape(x_raw.shape, geo))
     ct = _bn_forward_coeffs(coeffs, x_raw.shape[1])
     dtype = check.same_dtype(dpool=dpool, x_raw=x_raw, **ct)
     if tap.dtype != torch.int32 or tuple(tap.shape) != tuple(dpool.shape) or tap.device != dpool.device:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from .. import _checks as check
+from .. import functional as rbn
 from .dense import SHARED_HOW, rewrite_dense_blocks
 from .modules import RBNBatchNorm2d, RBNConv2d, bn_add_relu, bn_apply, bn_maxpool
 
@@ -239,12 +241,11 @@ def _fusable_maxpool(user: fx.Node, act: fx.Node, modules: dict):
     pool = _module(user, modules)
     if type(pool) is not nn.MaxPool2d or user.args != (act,) or user.kwargs:
         return None
-    pair = lambda v: [int(i) for i in v] if isinstance(v, (tuple, list)) else [int(v), int(v)]  # noqa: E731
-    kernel, padding, dilation = pair(pool.kernel_size), pair(pool.padding), pair(pool.dilation)
-    stride = pair(pool.stride) if pool.stride is not None else kernel
-    if dilation != [1, 1] or pool.ceil_mode or pool.return_indices or any(2 * p > k for p, k in zip(padding, kernel)):
+    geo = rbn.pool_geometry(pool.kernel_size, pool.stride, pool.padding)
+    if (check.pair(pool.dilation, "dilation", 1) != (1, 1) or pool.ceil_mode or pool.return_indices
+            or any(2 * p > k for p, k in zip(geo["padding"], geo["kernel"]))):
         return None
-    return kernel, stride, padding
+    return tuple(list(geo[key]) for key in ("kernel", "stride", "padding"))
 
 
 def _fuse_add_relu(graph: fx.Graph, add: fx.Node, act: fx.Node, residual, act_info: dict, decision: BNDecision,

@@ -207,8 +207,7 @@ def bn_maxpool(y: Tensor, coeffs: Tensor, relu: bool, kernel: list[int], stride:
 
 @bn_maxpool.register_fake
 def _(y, coeffs, relu, kernel, stride, padding):
-    shape = (y.shape[0], y.shape[1], (y.shape[2] + 2 * padding[0] - kernel[0]) // stride[0] + 1,
-             (y.shape[3] + 2 * padding[1] - kernel[1]) // stride[1] + 1)
+    shape = rbn.pool_output_shape(y.shape, rbn.pool_geometry(kernel, stride, padding))
     return y.new_empty(shape), y.new_empty(shape, dtype=torch.int32)
 
 

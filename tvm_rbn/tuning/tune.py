@@ -115,7 +115,7 @@ def tune_specs(
     if records.has_records(out):
         records.validate(out, family)  # never tune on top of a folder we would refuse to apply
     scratch = records.scratch_copy(out)
-    weighted_specs = {without_views(spec).symbol: without_views(spec) for spec, _ in weighted}
+    weighted_specs = {spec.symbol: spec for spec in (without_views(spec) for spec, _ in weighted)}
     start = time.perf_counter()
     try:
         db = ms.database.JSONDatabase(str(scratch / records.WORKLOADS), str(scratch / records.RECORDS))
