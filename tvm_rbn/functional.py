@@ -47,6 +47,7 @@ from typing import NamedTuple
 import torch
 
 from . import _checks as check
+from .runtime import buffers
 from .build import provider
 from .kernels import KernelSpec
 
@@ -104,7 +105,7 @@ def _views(args) -> dict:
 def _out(out, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
     """A new output tensor, or `out` (a contiguous tensor or a channel-slice view) checked."""
     if out is None:
-        return like.new_empty(shape)
+        return buffers.empty_like(like, shape)
     out = check.tensor(out, name, len(shape), channel_view=True)
     check.shape(out, name, shape)
     check.same_dtype(**{name: out, "input": like})
@@ -283,7 +284,7 @@ def bn_relu(x, scale, shift, relu=True):
     check.shape(shift, "shift", (x.shape[1],))
     dtype = check.same_dtype(x=x, scale=scale, shift=shift)
     fn = kernel(KernelSpec.make("bn_apply", shape=tuple(x.shape), dtype=check.dtype_name(dtype), relu=relu))
-    y = torch.empty_like(x)
+    y = buffers.empty_like(x)
     fn(x, scale, shift, y)
     return y
 
@@ -317,7 +318,7 @@ def bn_add_relu(y, scale, shift, identity=None, *, y2=None, scale2=None, shift2=
     dtype = check.same_dtype(**tensors)
     fn = kernel(KernelSpec.make("bn_add_relu", shape=tuple(y.shape), dtype=check.dtype_name(dtype),
                                 second_bn=y2 is not None))
-    a = torch.empty_like(y)
+    a = buffers.empty_like(y)
     fn(y, scale, shift, *other, a)
     return a
 
@@ -349,7 +350,7 @@ def bn_add_relu_backward(da, a, y, coeffs, y2=None, coeffs2=None):
     dtype = check.same_dtype(**tensors)
     fn = kernel(KernelSpec.make("bn_add_relu_backward", shape=tuple(da.shape), dtype=check.dtype_name(dtype),
                                 second_bn=y2 is not None))
-    outs = [torch.empty_like(da), torch.empty_like(da), da.new_empty(da.shape[:2]), da.new_empty(da.shape[:2])]
+    outs = [buffers.empty_like(da), buffers.empty_like(da), da.new_empty(da.shape[:2]), da.new_empty(da.shape[:2])]
     if y2 is not None:
         outs.append(da.new_empty(da.shape[:2]))
     fn(*args, *outs)
@@ -391,8 +392,8 @@ def bn_relu_maxpool(x, scale, shift, kernel_size, stride=None, padding=0, relu=T
     geo = _checked_pool_geometry(x, kernel_size, stride, padding)
     fn = kernel(KernelSpec.make("bn_relu_maxpool", shape=tuple(x.shape), dtype=check.dtype_name(dtype),
                                 relu=bool(relu), **geo))
-    pooled = x.new_empty(pool_output_shape(x.shape, geo))
-    tap = torch.empty(pooled.shape, dtype=torch.int32)
+    pooled = buffers.empty_like(x, pool_output_shape(x.shape, geo))
+    tap = buffers.empty_like(x, pooled.shape, torch.int32)
     fn(x, scale, shift, pooled, tap)
     return pooled, tap
 
@@ -413,7 +414,7 @@ def bn_relu_maxpool_backward(dpool, tap, x_raw, coeffs, kernel_size, stride=None
                                f"{tap.dtype} {tuple(tap.shape)} on {tap.device}")
     fn = kernel(KernelSpec.make("bn_relu_maxpool_backward", shape=tuple(x_raw.shape), dtype=check.dtype_name(dtype),
                                 relu=bool(relu), **geo))
-    outs = [torch.empty_like(x_raw), x_raw.new_empty(x_raw.shape[:2]), x_raw.new_empty(x_raw.shape[:2])]
+    outs = [buffers.empty_like(x_raw), x_raw.new_empty(x_raw.shape[:2]), x_raw.new_empty(x_raw.shape[:2])]
     fn(dpool, tap.contiguous(), x_raw, ct["scale"], ct["shift"], ct["mean"], ct["invstd"], *outs)
     return tuple(outs)
 
@@ -570,9 +571,9 @@ def _dgrad(grad, weight, x_raw, coeffs, input_size, stride, padding, relu):
     g0 = grad_args[0]
     shape = (n, c, params["h"], params["w"])
     if x_raw is None:
-        outs = [g0.new_empty(shape)]
+        outs = [buffers.empty_like(g0, shape)]
     else:
-        outs = [g0.new_empty(shape), g0.new_empty((n, c)), g0.new_empty((n, c))]
+        outs = [buffers.empty_like(g0, shape), g0.new_empty((n, c)), g0.new_empty((n, c))]
     args = [*grad_args, weight, *ep_args, *outs]
     spec = KernelSpec.make(
         "conv2d_dgrad", **params, dtype=check.dtype_name(dtype), grad_prologue=prologue,
@@ -690,7 +691,7 @@ def bn_relu_backward_stats(da, x_raw, coeffs, relu=True):
     ct = _bn_forward_coeffs(coeffs, da.shape[1], names)
     dtype = check.same_dtype(da=da, x_raw=x_raw, **ct)
     fn = kernel(KernelSpec.make("bn_backward_stats", shape=tuple(da.shape), dtype=check.dtype_name(dtype), relu=relu))
-    dz, tile_dbeta, tile_dgamma = torch.empty_like(da), da.new_empty(da.shape[:2]), da.new_empty(da.shape[:2])
+    dz, tile_dbeta, tile_dgamma = buffers.empty_like(da), da.new_empty(da.shape[:2]), da.new_empty(da.shape[:2])
     fn(da, x_raw, *ct.values(), dz, tile_dbeta, tile_dgamma)
     return dz, tile_dbeta, tile_dgamma
 
@@ -702,7 +703,7 @@ def bn_backward_dx(dz, x, grad_coeffs: BNGradCoefficients):
     ``DeferredGrad`` instead), e.g. the chain's input is the output of a pooling layer.
     """
     d = bn_input_grad(dz, x, grad_coeffs)
-    dx = d.dz.new_empty(d.dz.shape)
+    dx = buffers.empty_like(d.dz)
     args = [*d, dx]
     fn = kernel(KernelSpec.make("bn_backward_dx", shape=tuple(d.dz.shape), dtype=check.dtype_name(d.dz.dtype),
                                 **_views(args)))

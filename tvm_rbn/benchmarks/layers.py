@@ -26,9 +26,10 @@ once either way: PyTorch's batch_norm computes those of its input, our forward k
 of its output; PyTorch's BN backward forms the sums of its dz, our dgrad epilogue those of
 the previous BatchNorm.
 
-Our kernel's outputs are allocated per call, as the bridge allocates them, and PyTorch's
-functions allocate theirs: a fresh tensor of more than glibc's mmap threshold (32 MiB at
-most) is new memory whose pages fault on first touch, on both sides alike.
+Our kernel's outputs are allocated per call as the bridge allocates them, from tvm_rbn's
+output pool (``runtime/buffers.py``: the memory of large outputs is recycled); PyTorch's
+functions allocate theirs from the C heap, where a fresh tensor above glibc's mmap threshold
+(32 MiB at most) is new memory whose pages fault on first touch.
 
 Timing: sides alternate (the first side alternates too); before each timed call the same side
 runs one untimed call (it absorbs the other runtime's still-spinning threads); median of
@@ -131,9 +132,10 @@ class _Case:
 
     # --- ours ------------------------------------------------------------------------------
     def ours(self):
-        """One kernel call, its outputs allocated per call as the bridge does (PyTorch's sides
-        allocate theirs too: fresh large tensors cost page faults on both sides)."""
+        """One kernel call, its outputs allocated per call as the bridge does (from the
+        output pool; PyTorch's sides allocate theirs from the C heap)."""
         from ..build.provider import kernel
+        from ..runtime import buffers
 
         fn = kernel(self.spec)
         p, g = self.spec.kwargs, self.geo
@@ -163,7 +165,7 @@ class _Case:
         args = [fixed.get(i, a) for i, a in enumerate(args)]
 
         def call():
-            fresh = [out_views[i] if i in out_views else torch.empty(s, dtype=self.dtype) for i, s in enumerate(outs)]
+            fresh = [out_views[i] if i in out_views else buffers.empty(s, self.dtype) for i, s in enumerate(outs)]
             fn(*args, *fresh)
 
         return call

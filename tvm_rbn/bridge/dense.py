@@ -63,6 +63,7 @@ from typing import Optional
 import torch
 from torch import Tensor, fx, nn
 
+from ..runtime import buffers
 from .. import functional as rbn
 from ..build import provider
 
@@ -119,7 +120,7 @@ def dense_block(
     layers = len(weights) // 2
     total = c0 + layers * growth
     m = n * h * w
-    X = x0.new_empty((n, total, h, w))
+    X = buffers.empty_like(x0, (n, total, h, w))
     X[:, :c0].copy_(x0)  # the block's one copy: its input, produced outside the block
     S = x0.new_empty((2, total))
     S[:, :c0] = _channel_stats(*rbn.batch_stats(x0), h * w)
@@ -172,7 +173,7 @@ def dense_block_backward(
     n, total, h, w = X.shape
     m = n * h * w
     layers = len(weights) // 2
-    GX = g_X.clone(memory_format=torch.contiguous_format)
+    GX = buffers.empty_like(g_X).copy_(g_X)
     mean = S[0]
     d_mean, d_var = g_S[0].clone(), g_S[1].clone()
     g_w: list = [None] * (2 * layers)

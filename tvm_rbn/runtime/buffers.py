@@ -1,0 +1,132 @@
+"""Recycled CPU memory for the kernels' large outputs.
+
+glibc serves blocks above its mmap threshold (at most 32 MiB) with fresh mappings, and each
+page of a fresh mapping faults on its first write: about 10 ms per 51 MB on these machines,
+paid again every training step for every large activation and gradient (about 190 ms of the
+kernels' time in a 1.5 s resnet50 step at batch 16, 224x224). The pool keeps the memory of
+each large output it hands out and hands it out again once the tensor's storage is freed, as
+Inductor reuses its buffers and PyTorch's CUDA allocator caches its blocks.
+
+A block is a numpy byte array that the pool keeps; a tensor on it is made with
+``torch.frombuffer``, whose storage holds a reference to the array until the storage is freed.
+So the block is free again exactly when the array's only references are the pool's; the
+tensor's storage has no other owner, so autograd may still accumulate into it in place.
+
+Only CPU tensors of at least MIN_BYTES; sizes match exactly (a training step repeats its
+shapes). The pool never holds more than the high-water mark of its blocks in use: before it
+grows past that, idle blocks of other sizes are released (least recently used first), so a
+model whose outputs come in many sizes (DenseNet) does not keep a block of every size beside
+the ones in use. Blocks idle for IDLE_SECONDS are released at the next miss; ``clear()``
+releases every idle block now. ``TVM_RBN_BUFFER_POOL=0`` turns the pool off (plain ``torch.empty``).
+What the pool keeps counts in ``benchmarks.memory`` (malloc'd, like any tensor).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+
+MIN_BYTES = 1 << 20
+IDLE_SECONDS = 60.0
+ALIGNMENT = 64  # bytes, as torch's CPU allocator (and the kernels' buffers) expect
+
+_lock = threading.Lock()
+_pool: dict[int, list["_Block"]] = {}
+_high_water = 0  # the most bytes of blocks in use at once (at a miss), plus the block asked for
+
+
+class _Block:
+    __slots__ = ("array", "nbytes", "offset", "last_used")
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.array = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+        self.offset = -self.array.ctypes.data % ALIGNMENT
+        self.last_used = time.monotonic()
+
+    def idle(self) -> bool:
+        # references to the array: this block's and getrefcount's argument, plus one per
+        # live storage made on it
+        return sys.getrefcount(self.array) == 2
+
+    def tensor(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        flat = torch.frombuffer(self.array, dtype=dtype, count=math.prod(shape), offset=self.offset)
+        # `flat`'s storage under the requested shape, as a tensor of its own: not a view of
+        # `flat` and without a Python storage object, either of which would hold the storage
+        # and keep autograd from accumulating gradients into the tensor in place
+        return torch.empty(0, dtype=dtype).set_(flat, flat.storage_offset(), shape, _contiguous_strides(shape))
+
+
+def _contiguous_strides(shape: tuple) -> tuple:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+def enabled() -> bool:
+    return os.environ.get("TVM_RBN_BUFFER_POOL", "1") != "0"
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An uninitialized contiguous tensor, on recycled memory when it is a large CPU one."""
+    shape = tuple(int(d) for d in shape)
+    device = torch.device(device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes < MIN_BYTES or not enabled():
+        return torch.empty(shape, dtype=dtype, device=device)
+    global _high_water
+    with _lock:
+        now = time.monotonic()
+        block = next((b for b in _pool.get(nbytes, ()) if b.idle()), None)
+        if block is None:
+            _release_idle(now - IDLE_SECONDS)
+            blocks = [b for bs in _pool.values() for b in bs]
+            idle = sorted((b for b in blocks if b.idle()), key=lambda b: b.last_used)
+            held = sum(b.nbytes for b in blocks)
+            _high_water = max(_high_water, held - sum(b.nbytes for b in idle) + nbytes)
+            # never hold more than the most that was ever in use at once: idle blocks of
+            # other sizes go (least recently used first) before the pool grows past it
+            for old in idle:
+                if held + nbytes <= _high_water:
+                    break
+                _pool[old.nbytes].remove(old)
+                held -= old.nbytes
+            block = _Block(nbytes)
+            _pool.setdefault(nbytes, []).append(block)
+        block.last_used = now
+        return block.tensor(shape, dtype)
+
+
+def empty_like(t: torch.Tensor, shape=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``empty`` with `t`'s dtype and device (and shape, unless given)."""
+    return empty(t.shape if shape is None else shape, dtype or t.dtype, t.device)
+
+
+def _release_idle(before: float) -> None:
+    for nbytes in list(_pool):
+        kept = [b for b in _pool[nbytes] if b.last_used >= before or not b.idle()]
+        if kept:
+            _pool[nbytes] = kept
+        else:
+            del _pool[nbytes]
+
+
+def clear() -> None:
+    """Release every block that no tensor uses (the ones in use stay with their tensors)."""
+    with _lock:
+        _release_idle(float("inf"))
+
+
+def pooled_bytes() -> dict[str, int]:
+    """Bytes the pool holds: {"in_use": ..., "idle": ...}."""
+    with _lock:
+        blocks = [b for bs in _pool.values() for b in bs]
+        idle = sum(b.nbytes for b in blocks if b.idle())
+        return {"in_use": sum(b.nbytes for b in blocks) - idle, "idle": idle}
