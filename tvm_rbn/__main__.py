@@ -25,6 +25,7 @@ def _info(_args) -> int:
     import tvm_rbn
     from tvm_rbn.build import cache, provider
     from tvm_rbn.build.target import cpu_name, host_cores, host_family
+    from tvm_rbn.runtime import buffers
     from tvm_rbn.tuning import records
 
     logs = provider.tuning_logs()
@@ -36,6 +37,7 @@ def _info(_args) -> int:
         "target_family": host_family(),
         "cores": host_cores(),
         "threads": {"torch": torch.get_num_threads(), "tvm": tvm_rbn.num_threads()},
+        "output_pool": {"enabled": buffers.enabled(), "min_bytes": buffers.MIN_BYTES},
         "cache_dir": str(cache.cache_root()),
         "tuning_logs": str(logs),
         "tuning_records": sum(1 for _ in open(logs / records.RECORDS)) if records.has_records(logs) else 0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable
 
 
@@ -28,12 +29,12 @@ class KernelSpec:
     def kwargs(self) -> dict[str, Any]:
         return dict(self.params)
 
-    @property
+    @cached_property
     def key(self) -> str:
         """Canonical JSON; equal specs have equal keys across processes and versions."""
         return json.dumps({"op": self.op, **{k: _thaw(v) for k, v in self.params}}, sort_keys=True)
 
-    @property
+    @cached_property
     def symbol(self) -> str:
         """The kernel's function name inside a runtime module."""
         return f"rbn_{self.op}_{hashlib.sha1(self.key.encode()).hexdigest()[:16]}"
