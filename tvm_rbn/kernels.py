@@ -13,6 +13,9 @@ from functools import cached_property
 from typing import Any, Callable
 
 
+_interned: dict["KernelSpec", "KernelSpec"] = {}
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     op: str
@@ -23,7 +26,9 @@ class KernelSpec:
         if op not in _BUILDERS:
             raise ValueError(f"unknown kernel op {op!r}; known: {sorted(_BUILDERS)}")
         canon = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
-        return cls(op, tuple(sorted((k, _freeze(v)) for k, v in canon.items())))
+        spec = cls(op, tuple(sorted((k, _freeze(v)) for k, v in canon.items())))
+        # one instance per spec, so that its key and symbol are computed once per process
+        return _interned.setdefault(spec, spec)
 
     @property
     def kwargs(self) -> dict[str, Any]:

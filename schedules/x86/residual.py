@@ -6,7 +6,9 @@ the same plane, still in its cache, into the BatchNorm partials (``tile_dbeta``,
 ``tile_dgamma``[, ``tile_dgamma2``]) as `lanes` interleaved vector partial sums added in a fixed
 order: one pass over the inputs, deterministic, no atomics. The mask stage ``dz`` is formed
 once per element into a plane-sized buffer (allocated per task: TVM places an allocation at
-the innermost loop that holds all its uses and compacts it to the region used there). Splits are by divisors, so any shape is correct.
+the innermost loop that holds all its uses and compacts it to the region used there). The
+max pool backward's padded (dpool, tap) planes are formed per task too, before ``dz``.
+Splits are by divisors, so any shape is correct.
 
 The forward (``act``) is a plain elementwise kernel and takes the elementwise default.
 """
@@ -83,6 +85,9 @@ class ResidualBackwardTemplate:
         n, c, _, _ = sch.get_loops(dz)
         plane = sch.fuse(n, c)
         sch.parallel(plane)
+        for name in ("dpool_pad", "tap_pad"):  # the max pool backward's padded (dpool, tap) planes
+            if name in blocks:
+                sch.compute_at(blocks[name], plane, preserve_unit_loops=True)
         _vectorize_row(sch, dz, lanes)
         for name in ("grad_y", "grad_y2", "grad_identity"):
             if name in blocks:

@@ -19,10 +19,18 @@ model whose outputs come in many sizes (DenseNet) does not keep a block of every
 the ones in use. Blocks idle for IDLE_SECONDS are released at the next miss; ``clear()``
 releases every idle block now. ``TVM_RBN_BUFFER_POOL=0`` turns the pool off (plain ``torch.empty``).
 What the pool keeps counts in ``benchmarks.memory`` (malloc'd, like any tensor).
+
+``TVM_RBN_BUFFER_GUARD=1`` (a check, not for speed) maps each block on its own, its data
+ending within ALIGNMENT bytes of a page that cannot be accessed: a kernel that reads or
+writes past the end of a pooled tensor faults there and then, instead of touching whatever
+memory follows. With ``MIN_BYTES`` lowered, a training step checks every kernel it runs at the
+model's real shapes and tuned schedules (``tests/test_memory_bounds.py``).
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import mmap
 import os
 import sys
 import threading
@@ -45,8 +53,11 @@ class _Block:
 
     def __init__(self, nbytes: int):
         self.nbytes = nbytes
-        self.array = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
-        self.offset = -self.array.ctypes.data % ALIGNMENT
+        if guarded():
+            self.array, self.offset = _guarded_array(nbytes)
+        else:
+            self.array = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+            self.offset = -self.array.ctypes.data % ALIGNMENT
         self.last_used = time.monotonic()
 
     def idle(self) -> bool:
@@ -72,6 +83,22 @@ def _contiguous_strides(shape: tuple) -> tuple:
 
 def enabled() -> bool:
     return os.environ.get("TVM_RBN_BUFFER_POOL", "1") != "0"
+
+
+def guarded() -> bool:
+    return os.environ.get("TVM_RBN_BUFFER_GUARD", "0") == "1"
+
+
+def _guarded_array(nbytes: int) -> tuple[np.ndarray, int]:
+    """(array over a fresh mapping whose last page has no access, offset of the data in it):
+    the data ends within ALIGNMENT bytes of that page. The array keeps the mapping alive."""
+    pages = -(-nbytes // mmap.PAGESIZE)
+    region = mmap.mmap(-1, (pages + 1) * mmap.PAGESIZE)
+    array = np.frombuffer(region, dtype=np.uint8)
+    guard = array.ctypes.data + pages * mmap.PAGESIZE
+    if ctypes.CDLL(None, use_errno=True).mprotect(ctypes.c_void_p(guard), mmap.PAGESIZE, 0) != 0:  # PROT_NONE
+        raise OSError(ctypes.get_errno(), "mprotect of the pool's guard page failed")
+    return array, (pages * mmap.PAGESIZE - nbytes) // ALIGNMENT * ALIGNMENT
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
