@@ -57,6 +57,12 @@ def test_small_cuda_or_disabled_requests_bypass_the_pool(monkeypatch):
     assert small.shape == (16, 16) and big.shape == BIG
 
 
+def test_empty_tensors_bypass_the_pool_even_without_a_threshold(monkeypatch):
+    monkeypatch.setattr(buffers, "MIN_BYTES", 0)
+    assert buffers.empty((0, 8), torch.float32).shape == (0, 8)
+    assert buffers.pooled_bytes() == {"in_use": 0, "idle": 0}
+
+
 def test_clear_releases_idle_blocks_only():
     a = buffers.empty(BIG, torch.float32)
     b = buffers.empty(BIG, torch.float64)

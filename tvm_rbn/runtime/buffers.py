@@ -106,7 +106,7 @@ def empty(shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torc
     shape = tuple(int(d) for d in shape)
     device = torch.device(device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if device.type != "cpu" or nbytes < MIN_BYTES or not enabled():
+    if device.type != "cpu" or nbytes < max(MIN_BYTES, 1) or not enabled():  # no empty blocks
         return torch.empty(shape, dtype=dtype, device=device)
     global _high_water
     with _lock:
