@@ -37,11 +37,12 @@ def design_spaces(func, family: str, klass: str | None = None, limit: int | None
     return []
 
 
-def search_space(family: str, klass: str | None = None):
+def search_space(family: str, klass: str | None = None, measured=()):
     """The MetaSchedule search space (space generator) of a convolution kernel for a family.
 
     x86: the designed templates' knob settings (``x86/space.py``), each design space
-    annotated with its knobs and `klass`, the kernel's structure class. CUDA: the default GPU
+    annotated with its knobs and `klass`, the kernel's structure class, without the settings
+    in `measured` (``knob_key`` strings) while others remain. CUDA: the default GPU
     rules (tiling bound to blocks/threads, shared-memory staging, unrolling), with two
     changes: no cross-thread
     reduction, which cannot schedule our kernels (their conv output is both a result and the
@@ -50,7 +51,7 @@ def search_space(family: str, klass: str | None = None):
     if family.startswith("x86"):
         from .x86.space import schedule_fn
 
-        return schedule_fn(family, klass)
+        return schedule_fn(family, klass, measured)
     if family.startswith("cuda"):
         from tvm.s_tir import meta_schedule as ms
         from tvm.s_tir.meta_schedule.schedule_rule import MultiLevelTiling, ReuseType

@@ -98,6 +98,24 @@ def test_knob_space_is_every_valid_setting_default_first(op):
     assert tvm_ffi.structural_equal(first.body, default.body), "the first setting is the default"
 
 
+def test_search_space_leaves_out_settings_already_measured():
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm_rbn.build.target import host_tvm_target
+    from tvm_rbn.schedules import search_space
+    from tvm_rbn.schedules.x86.space import knob_key, knobs_of
+
+    def settings(measured):
+        ctx = ms.TuneContext(mod=workload_mod(SPEC), target=host_tvm_target(), num_threads=1,
+                             space_generator=search_space("x86-avx512", "k", measured), task_name="space")
+        return [knob_key(knobs_of(s.trace)["knobs"]) for s in ctx.space_generator.generate_design_space(ctx.mod)]
+
+    every = settings(set())
+    assert len(every) > 2
+    assert settings(set(every[:2])) == every[2:], "measured settings are not offered again"
+    assert settings(set(every)) == every, "with every setting measured, the whole space stays searchable"
+
+
 def test_rerun_resumes_without_new_trials(tuned_folder):
     before = (tuned_folder / records.RECORDS).read_bytes()
     report = tune_specs([(SPEC, 1.0)], tuned_folder, trials=2)

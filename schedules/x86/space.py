@@ -105,15 +105,24 @@ def knobs_of(trace) -> dict | None:
     return None
 
 
-def schedule_fn(family: str, klass: str | None = None):
+def knob_key(knobs: dict) -> str:
+    """A knob setting as a canonical string, to compare settings."""
+    return json.dumps(knobs, sort_keys=True)
+
+
+def schedule_fn(family: str, klass: str | None = None, measured=()):
     """The MetaSchedule space generator: the knob settings as design spaces, no extra rules,
-    post-processors or mutators (the templates produce complete schedules)."""
+    post-processors or mutators (the templates produce complete schedules). Settings whose
+    ``knob_key`` is in `measured` (read when the search starts) are left out while others
+    remain, so that no trial goes to a setting the database already has (the measured
+    default, or an earlier run's)."""
     from tvm.s_tir.meta_schedule.space_generator import ScheduleFn
 
     def spaces(sch: Schedule):
         out = design_spaces(sch.mod["main"], family, klass)
         if not out:
             raise ValueError("not a convolution kernel: the x86 knob space has no template for it")
-        return out
+        fresh = [s for s in out if knob_key(knobs_of(s.trace)["knobs"]) not in measured]
+        return fresh or out
 
     return ScheduleFn(spaces, sch_rules=[], postprocs=[], mutator_probs={})

@@ -125,13 +125,15 @@ def tune_specs(
             key = tvm_ffi.structural_hash(rec.workload.mod)
             existing[key] = existing.get(key, 0) + 1
         knob_space = not family.startswith("cuda")
+        measured_settings: dict[str, set] = {}  # class -> knob keys recorded, filled before the search
         for spec, weight, members in (by_class(weighted) if knob_space else [(s, w, 1) for s, w in weighted]):
             mod = workload_mod(spec)
             done = existing.get(tvm_ffi.structural_hash(mod), 0)
             report_rows.append({"symbol": spec.symbol, "op": spec.op, "weight": weight, "kernels": members,
                                 "trials_before": done})
             klass = structure_class(spec) if knob_space else None
-            tasks.append(ms.TuneContext(mod=mod, target=target, space_generator=_space(family, klass),
+            measured = measured_settings.setdefault(klass, set()) if klass else ()
+            tasks.append(ms.TuneContext(mod=mod, target=target, space_generator=_space(family, klass, measured),
                                         search_strategy=_strategy(family), task_name=spec.symbol,
                                         num_threads=host_cores()))
             weights.append(weight)
@@ -153,6 +155,8 @@ def tune_specs(
                 report_rows[i]["default_measured"] = ok
         records.publish(scratch, out)
         already += sum(1 for row in report_rows if row.get("default_measured"))
+        if measured_settings:
+            _record_measured_settings(db, measured_settings)
         lines_before_search = sum(1 for _ in open(scratch / records.RECORDS))
         callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
         publisher, clock = _make_callback(scratch, out, remaining, deadline, start, stream)
@@ -224,10 +228,20 @@ def without_views(spec: KernelSpec) -> KernelSpec:
     return KernelSpec.make(spec.op, **{k: v for k, v in spec.kwargs.items() if k != "views"})
 
 
-def _space(family: str, klass: str | None):
+def _space(family: str, klass: str | None, measured=()):
     from tvm_rbn.schedules import search_space
 
-    return search_space(family, klass)
+    return search_space(family, klass, measured)
+
+
+def _record_measured_settings(db, by_class: dict[str, set]) -> None:
+    """Add the knob setting of every record of these classes to by_class[class]."""
+    from tvm_rbn.schedules.x86.space import knob_key, knobs_of
+
+    for rec in db.get_all_tuning_records():
+        annotation = knobs_of(rec.trace)
+        if annotation and annotation.get("class") in by_class:
+            by_class[annotation["class"]].add(knob_key(annotation["knobs"]))
 
 
 def _strategy(family: str):
