@@ -9,8 +9,6 @@ in a child process, where a fault fails the test instead of ending the test sess
 """
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 import subprocess
 import sys
@@ -18,34 +16,21 @@ import sys
 import pytest
 import torch
 
-PAGE = mmap.PAGESIZE
-ALIGNMENT = 64  # what the kernels expect of a tensor's start
-_libc = ctypes.CDLL(None, use_errno=True)
-_keep = []  # the mappings behind guarded tensors: alive as long as the child runs
+from tvm_rbn.runtime import buffers
 
 
 def guarded(t: torch.Tensor, at: str) -> torch.Tensor:
-    """A contiguous copy of `t` whose bytes end within ALIGNMENT of an inaccessible page
-    (at="end") or start right after one (at="start")."""
-    nbytes = t.numel() * t.element_size()
-    pages = -(-nbytes // PAGE)
-    region = mmap.mmap(-1, (pages + 2) * PAGE)
-    anchor = ctypes.c_char.from_buffer(region)
-    base = ctypes.addressof(anchor)
-    for page in (0, pages + 1):
-        if _libc.mprotect(ctypes.c_void_p(base + page * PAGE), PAGE, 0) != 0:  # PROT_NONE
-            raise OSError(ctypes.get_errno(), "mprotect failed")
-    start = PAGE if at == "start" else ((pages + 1) * PAGE - nbytes) // ALIGNMENT * ALIGNMENT
-    _keep.append((region, anchor))
-    raw = torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=start)
-    out = raw.view(t.dtype).view(t.shape)
+    """A contiguous copy of `t` between inaccessible pages, its bytes ending within 64 of the
+    one after (at="end") or starting right after the one before (at="start")."""
+    array, offset = buffers.guarded_array(t.numel() * t.element_size(), at)
+    out = torch.frombuffer(array, dtype=t.dtype, count=t.numel(), offset=offset).view(t.shape)
     out.copy_(t)
     return out
 
 
 def _stem_pool(at):
     """The ResNet stem's 3x3 stride-2 max pool (windows reach past the output at both ends);
-    row sizes whose byte counts are multiples of ALIGNMENT, so the end guard is right there."""
+    row sizes whose byte counts are multiples of 64, so the end guard is right there."""
     import tvm_rbn.functional as rbn
 
     g = torch.Generator().manual_seed(0)
@@ -90,7 +75,6 @@ def _guarded_training_steps():
 
     import tvm_rbn
     from tvm_rbn.models import MODELS
-    from tvm_rbn.runtime import buffers
 
     assert buffers.guarded()
     buffers.MIN_BYTES = 0

@@ -109,17 +109,18 @@ def grad_input(geo: Conv2dGeometry, dtype: str, grad_prologue_: bool) -> tuple[l
     return [dz, x, c1, c2, c3], grad_prologue(dz, x, c1, c2, c3)
 
 
-def grad_pad(g: te.Tensor, rows: DgradLayout, cols: DgradLayout) -> te.Tensor:
-    """Stage ``grad_pad``: the gradient with the zero borders the phase-wise taps read."""
+def grad_pad(g: te.Tensor, rows: DgradLayout, cols: DgradLayout, fill=None, name: str = "grad_pad") -> te.Tensor:
+    """Stage `name`: g with the borders the phase-wise taps read, `fill` there (default 0).
+    Row p of g is at p + rows.offset (``grad_index``)."""
     n, k, p, q = (int(d) for d in g.shape)
-    zero = tirx.const(0, g.dtype)
+    fill = tirx.const(0, g.dtype) if fill is None else fill
     oh, ow = rows.offset, cols.offset
 
     def f(i, j, y, x):
         inside = tirx.all(y >= oh, y < p + oh, x >= ow, x < q + ow)
-        return tirx.if_then_else(inside, g[i, j, y - oh, x - ow], zero)
+        return tirx.if_then_else(inside, g[i, j, y - oh, x - ow], fill)
 
-    return te.compute((n, k, rows.padded, cols.padded), f, name="grad_pad")
+    return te.compute((n, k, rows.padded, cols.padded), f, name=name)
 
 
 def _phase_sum(g_pad, w, rows: DgradLayout, cols: DgradLayout, a: int, b: int, rk, ri, rj):

@@ -17,15 +17,16 @@ masked by the ReLU (a > 0), and reduced per (n, c) plane into the BatchNorm part
     dz = [a > 0] * sum_{windows (p, q) of (h, w) with tap[n, c, p, q] at (h, w)} dpool[n, c, p, q]
     grad_y = scale*dz,  tile_dbeta = sum_{h,w} dz,  tile_dgamma = sum_{h,w} dz*(y - mean)*invstd
 
-one pass over (dpool, tap, y). Near the borders some of a position's candidate windows lie
-outside 0..p-1 x 0..q-1: the backward reads (dpool, tap) through padded copies (``dpool_pad``
-0 and ``tap_pad`` -1 outside, a tap no window has), so every load is in bounds whatever the
-condition around it. TIR's Select evaluates both branches, and the simplifier drops an index
+one pass over (dpool, tap, y). The windows of a position are a stride-phased data gradient's
+taps (``conv2d_bn_backward.DgradLayout``); near the borders some lie outside 0..p-1 x 0..q-1,
+so the backward reads (dpool, tap) through padded copies as the data gradient reads its
+gradient (``grad_pad``: ``dpool_pad`` 0 and ``tap_pad`` -1 outside, a tap no window has):
+every load is in bounds whatever the condition around it. TIR's Select evaluates both branches, and the simplifier drops an index
 clamp it can prove from the Select's condition: a clamped load under a range condition read
 up to a row before and after the tensor, and crashed when that memory was unmapped.
 
 Stage names: ``act_pad`` (the applied plane, -inf in the padding, so that padding never wins),
-``pool`` (forward); ``dpool_pad``, ``tap_pad`` (only where windows reach outside), ``dz``,
+``pool`` (forward); ``dpool_pad``, ``tap_pad``, ``dz``,
 ``grad_y``, ``tile_dbeta``, ``tile_dgamma`` (backward, the residual backward's names: the same
 template schedules both).
 """
@@ -33,35 +34,12 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
+from .conv2d_bn_backward import DgradLayout, grad_pad
 from .residual import _plane_sum
 
 
 def out_size(size: int, kernel: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - kernel) // stride + 1
-
-
-def window_reach(size: int, kernel: int, stride: int, pad: int, out: int) -> tuple[int, int]:
-    """(before, after): how many window indices outside 0..out-1 the backward's candidate
-    windows (p = (x + pad)//stride - i, i < ceil(kernel/stride), 0 <= x < size) take."""
-    first = pad // stride - (-(-kernel // stride) - 1)
-    last = (size - 1 + pad) // stride
-    return max(0, -first), max(0, last - (out - 1))
-
-
-def _padded(t, reach: tuple[int, int, int, int], fill, name: str):
-    """An accessor (b, k, wp, wq) -> t[b, k, wp, wq] that is `fill` outside t: through a padded
-    stage `name` when any reach is nonzero, else t itself."""
-    lp, hp, lq, hq = reach
-    if not any(reach):
-        return lambda b, k, i, j: t[b, k, i, j]
-    n, c, p, q = t.shape
-
-    def pad(b, k, i, j):
-        inside = tirx.all(i >= lp, i < p + lp, j >= lq, j < q + lq)
-        return tirx.if_then_else(inside, t[b, k, i - lp, j - lq], fill)
-
-    padded = te.compute((n, c, p + lp + hp, q + lq + hq), pad, name=name)
-    return lambda b, k, i, j: padded[b, k, i + lp, j + lq]
 
 
 def _first_max():
@@ -116,22 +94,22 @@ def bn_relu_maxpool_backward(shape: tuple[int, int, int, int], dtype: str, relu:
     y = te.placeholder(shape, dtype, "y")
     scale, shift, mean, invstd = (te.placeholder((c,), dtype, name) for name in ("scale", "shift", "mean", "invstd"))
     zero = tirx.const(0, dtype)
-    (lp, hp), (lq, hq) = window_reach(h, kh, sh, ph, p), window_reach(w, kw, sw, pw, q)
-    dpool_at, tap_at = _padded(dpool, (lp, hp, lq, hq), zero, "dpool_pad"), _padded(
-        tap, (lp, hp, lq, hq), tirx.const(-1, "int32"), "tap_pad")
+    # a window is a data gradient's tap: the dgrad's index bookkeeping and padded gradient
+    rows, cols = DgradLayout(h, p, kh, sh, ph), DgradLayout(w, q, kw, sw, pw)
+    dpool_pad = grad_pad(dpool, rows, cols, name="dpool_pad")
+    tap_pad = grad_pad(tap, rows, cols, tirx.const(-1, "int32"), "tap_pad")
 
     def gathered(b, k, row, col):
         # windows containing (row, col): p = (row + ph)//sh - i for i < ceil(kh/sh), while the
-        # window still reaches the row (its tap row row + ph - p*sh < kh); windows outside the
-        # output have tap -1 in tap_pad, which never matches
+        # window still reaches the row (its tap row (row + ph)%sh + i*sh < kh); windows outside
+        # the output have tap -1 in tap_pad, which never matches
         total = zero
-        for i in range(-(-kh // sh)):
-            for j in range(-(-kw // sw)):
-                wp = tirx.floordiv(row + ph, sh) - i
-                wq = tirx.floordiv(col + pw, sw) - j
-                ti, tj = row + ph - wp * sh, col + pw - wq * sw
-                hit = tirx.all(ti < kh, tj < kw, tap_at(b, k, wp, wq) == ti * kw + tj)
-                total = total + tirx.Select(hit, dpool_at(b, k, wp, wq), zero)
+        for i in range(rows.taps):
+            for j in range(cols.taps):
+                at = (b, k, rows.grad_index(row, i), cols.grad_index(col, j))
+                ti, tj = rows.tap_index(row, i), cols.tap_index(col, j)
+                hit = tirx.all(ti < kh, tj < kw, tap_pad[at] == ti * kw + tj)
+                total = total + tirx.Select(hit, dpool_pad[at], zero)
         return total
 
     def dz_f(b, k, row, col):

@@ -21,7 +21,7 @@ releases every idle block now. ``TVM_RBN_BUFFER_POOL=0`` turns the pool off (pla
 What the pool keeps counts in ``benchmarks.memory`` (malloc'd, like any tensor).
 
 ``TVM_RBN_BUFFER_GUARD=1`` (a check, not for speed) maps each block on its own, its data
-ending within ALIGNMENT bytes of a page that cannot be accessed: a kernel that reads or
+ending within ALIGNMENT bytes of a page that cannot be accessed (``guarded_array``): a kernel that reads or
 writes past the end of a pooled tensor faults there and then, instead of touching whatever
 memory follows. With ``MIN_BYTES`` lowered, a training step checks every kernel it runs at the
 model's real shapes and tuned schedules (``tests/test_memory_bounds.py``).
@@ -54,7 +54,7 @@ class _Block:
     def __init__(self, nbytes: int):
         self.nbytes = nbytes
         if guarded():
-            self.array, self.offset = _guarded_array(nbytes)
+            self.array, self.offset = guarded_array(nbytes)
         else:
             self.array = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
             self.offset = -self.array.ctypes.data % ALIGNMENT
@@ -89,16 +89,20 @@ def guarded() -> bool:
     return os.environ.get("TVM_RBN_BUFFER_GUARD", "0") == "1"
 
 
-def _guarded_array(nbytes: int) -> tuple[np.ndarray, int]:
-    """(array over a fresh mapping whose last page has no access, offset of the data in it):
-    the data ends within ALIGNMENT bytes of that page. The array keeps the mapping alive."""
-    pages = -(-nbytes // mmap.PAGESIZE)
-    region = mmap.mmap(-1, (pages + 1) * mmap.PAGESIZE)
-    array = np.frombuffer(region, dtype=np.uint8)
-    guard = array.ctypes.data + pages * mmap.PAGESIZE
-    if ctypes.CDLL(None, use_errno=True).mprotect(ctypes.c_void_p(guard), mmap.PAGESIZE, 0) != 0:  # PROT_NONE
-        raise OSError(ctypes.get_errno(), "mprotect of the pool's guard page failed")
-    return array, (pages * mmap.PAGESIZE - nbytes) // ALIGNMENT * ALIGNMENT
+def guarded_array(nbytes: int, at: str = "end") -> tuple[np.ndarray, int]:
+    """(array over a fresh mapping between two pages that cannot be accessed, offset of
+    `nbytes` of data in it): the data ends within ALIGNMENT bytes of the page after it
+    (at="end") or starts right after the page before it (at="start"), ALIGNMENT-aligned
+    either way. The array keeps the mapping alive."""
+    page = mmap.PAGESIZE
+    pages = -(-nbytes // page)
+    array = np.frombuffer(mmap.mmap(-1, (pages + 2) * page), dtype=np.uint8)
+    libc = ctypes.CDLL(None, use_errno=True)
+    for guard in (0, pages + 1):
+        if libc.mprotect(ctypes.c_void_p(array.ctypes.data + guard * page), page, 0) != 0:  # PROT_NONE
+            raise OSError(ctypes.get_errno(), "mprotect of a guard page failed")
+    offset = page if at == "start" else ((pages + 1) * page - nbytes) // ALIGNMENT * ALIGNMENT
+    return array, offset
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
