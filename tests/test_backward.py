@@ -25,6 +25,8 @@ GEOMETRIES = {
     "1x1-stride2-odd7": (3, 16, 7, 7, 20, (1, 1), 2, 0),
     "2x3-stride3x2-pad0x1": (1, 5, 8, 7, 6, (2, 3), (3, 2), (0, 1)),
     "1x1-batch1": (1, 17, 5, 6, 9, (1, 1), 1, 0),
+    "3x3-stride2-pad1-even": (2, 16, 8, 8, 12, (3, 3), 2, 1),  # W % sw == 0: output columns by phase
+    "1x1-stride2-even": (2, 16, 8, 8, 20, (1, 1), 2, 0),
 }
 
 # (geometry, grad prologue, epilogue / act prologue: None, relu, no-relu, dtype): every flag
@@ -38,6 +40,9 @@ DGRAD_CASES = [
     ("2x3-stride3x2-pad0x1", False, True, torch.float32),
     ("1x1-batch1", True, False, torch.float64),
     ("3x3-stride2-uncovered-row", False, None, torch.float64),
+    ("3x3-stride2-pad1-even", True, True, torch.float32),
+    ("3x3-stride2-pad1-even", False, False, torch.float64),
+    ("1x1-stride2-even", True, True, torch.float32),
 ]
 WGRAD_CASES = [
     ("3x3-pad1", False, None, torch.float32),

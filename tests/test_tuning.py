@@ -71,6 +71,35 @@ def test_records_carry_their_knobs_and_a_sibling_builds_from_them(tuned_folder, 
     _check_prologue_conv(KernelLibrary(tmp_path).function(SIBLING.symbol), 16, "kernel built from its class's knobs")
 
 
+def test_tuned_kernel_is_rebuilt_from_its_knobs_with_the_current_template(tuned_folder, monkeypatch):
+    """A record names a knob setting; the build applies it with this version's template (a
+    template's later improvement reaches tuned kernels) rather than replaying the old trace."""
+    from dataclasses import replace
+
+    from tvm.s_tir import Schedule
+
+    from tvm_rbn.build.compile import lower_spec
+    from tvm_rbn.schedules.x86 import space
+
+    original = space.KNOB_TEMPLATES["conv"]
+
+    class Marked:
+        @staticmethod
+        def apply(func, family, knobs=None):
+            sch = original.template.apply(func, family, knobs)
+            sch.annotate(sch.get_sblock("root"), "test.current_template", 1)
+            return sch
+
+    monkeypatch.setitem(space.KNOB_TEMPLATES, "conv", replace(original, template=Marked))
+    db = records.load(tuned_folder, host_family())
+    func, how = lower_spec(SPEC, host_family(), db)
+    assert how == "tuned"
+    assert "test.current_template" in func.script(), "the tuned kernel replayed its recorded trace"
+    sch = Schedule(func)
+    built = json.loads(str(sch.get(sch.get_sblock("root")).annotations[space.KNOB_ANNOTATION]))
+    assert built == space.knobs_of(records.best_record(db, workload_mod(SPEC)).trace)
+
+
 OPS = {
     "conv": KernelSpec.make("conv2d_fused", n=2, c=32, h=8, w=8, k=32, r=3, s=3, stride=(1, 1), padding=(1, 1),
                             dtype="float32", prologue_relu=True, stats=True),

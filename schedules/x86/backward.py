@@ -105,12 +105,12 @@ def _phase_blocks(sch: Schedule) -> list:
     return [named[name] for name in sorted(named) if name == "dgrad" or name.startswith("dgrad_")]
 
 
-def _row_stride(sch: Schedule) -> int:
-    """sh, from the ``da`` stage's row index into a phase stage (h // sh)."""
+def _phase_stride(sch: Schedule, dim: int) -> int:
+    """sh (dim 2) or sw (dim 3), from the ``da`` stage's index into a phase stage (h // sh)."""
     from tvm.tirx import FloorDiv
 
     for region in sch.get(cm.blocks(sch)["da"]).reads:
-        index = region.region[2].min
+        index = region.region[dim].min
         if isinstance(index, FloorDiv):
             return int(index.b)
     return 1
@@ -124,7 +124,7 @@ def dgrad_shape(sch: Schedule, family: str) -> DgradShape:
     for block in phases:
         _, _, _, u, k, ri, rj = cm.extents(sch, sch.get_loops(block))
         taps += ri * rj
-    return DgradShape(n, c, h, u, k, vector_lanes(family, cm.dtype_of(sch, phases[0])), taps, _row_stride(sch))
+    return DgradShape(n, c, h, u, k, vector_lanes(family, cm.dtype_of(sch, phases[0])), taps, _phase_stride(sch, 2))
 
 
 def default_dgrad_knobs(shape: DgradShape, cores: int | None = None) -> DgradKnobs:
@@ -163,6 +163,7 @@ def schedule_dgrad(sch: Schedule, family: str, knobs: DgradKnobs | None = None) 
     shape = dgrad_shape(sch, family)
     kn = knobs or default_dgrad_knobs(shape)
     B = cm.blocks(sch)
+    sw = _phase_stride(sch, 3)
     phases = _phase_blocks(sch)
     cb, ub, kb = kn.ic_block, kn.ow_block, kn.k_block
     rows_u = -(-shape.h // shape.row_stride)
@@ -212,6 +213,15 @@ def schedule_dgrad(sch: Schedule, family: str, knobs: DgradKnobs | None = None) 
         task = sch.fuse(*outer)
         planes = task
     sch.parallel(task)
+    width = cm.extents(sch, [below[-1]])[0]
+    if sw > 1 and width % sw == 0:
+        # columns by phase: for each b, w = sw*v + b reads phase column v of one phase (its
+        # selection folds to a constant once b is unrolled), instead of a select per column
+        v, b = sch.split(below[-1], [None, sw])
+        sch.reorder(b, v)
+        sch.unroll(b)
+        if shape.row_stride > 1:
+            sch.unroll(below[0])
     _vectorize_inner(sch, out, lanes)
 
     # per phase: one phase row of the tile's channels, channels innermost, in a local buffer,
@@ -260,6 +270,9 @@ class DgradTemplate:
       reduced over K and the phase's taps with broadcast gradient scalars;
     - the tile goes into a row buffer (channels innermost); per input row, the row is written
       out in NCHW, through the epilogue dz = da*[x_raw*scale + shift > 0] when there is one;
+      with stride phases, column by column of one phase at a time (each output column reads
+      one phase's buffer, not a select over all of them: 1.5x on resnet50's 56x56 3x3 stride-2
+      data gradient);
     - the epilogue's per-plane partials (``tile_dbeta``, ``tile_dgamma``) of a channel block
       are summed in-task right after its planes were written (vectorized partial sums).
 
@@ -445,8 +458,12 @@ def schedule_wgrad(sch: Schedule, family: str, knobs: WgradKnobs | None = None) 
             gblk = sch.cache_read(wgrad, cm.read_index(sch, wgrad, "grad"), "global")
         sch.transform_layout(gblk, ("write", 0), lambda n_, k_, p_, q_: (n_, k_ // kb, p_, q_, k_ % kb))
         cm.pack_channel_blocks(sch, gblk, kb)
-        # activation (prologue, zero padding) in NCHW, read as broadcast scalars
-        _schedule_spatial_root(sch, pad, lanes)
+        if "act" not in B and cm.is_identity_pad(sch, pad):
+            # the input itself is the broadcast operand: no copy of it
+            sch.compute_inline(pad)
+        else:
+            # activation (prologue, zero padding) in NCHW, read as broadcast scalars
+            _schedule_spatial_root(sch, pad, lanes)
     else:
         # activation -> [n, c//cb, y, x, c%cb]; the gradient is read as broadcast scalars
         sch.transform_layout(pad, ("write", 0), lambda n_, c_, y_, x_: (n_, c_ // cb, y_, x_, c_ % cb))
@@ -465,7 +482,8 @@ class WgradTemplate:
     - "k": the gradient (grad prologue applied) is packed once to ``[n, k // k_block, p, q,
       k % k_block]``; tile = ``k_block`` lanes x (``c_block`` channels x S taps) columns, fed by
       gradient vectors and broadcast activation scalars (the activation, with its prologue
-      and zero padding, formed once in NCHW). Any C, e.g. the 3-channel stem.
+      and zero padding, formed once in NCHW; without either, the input itself: copying it
+      cost a 56x56 1x1 weight gradient a third of its time). Any C, e.g. the 3-channel stem.
     - "c": the activation (prologue, padding) is packed once to ``[n, c // c_block, y, x,
       c % c_block]``; tile = ``k_block`` rows x ``c_block`` lanes per tap, fed by broadcast
       gradient scalars (the grad prologue formed once in NCHW).

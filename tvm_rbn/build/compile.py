@@ -18,8 +18,13 @@ from .target import host_description, host_family, host_tvm_target
 
 def lower_spec(spec: KernelSpec, family: str, database=None, target=None):
     """(scheduled PrimFunc named by the spec's symbol, how: "tuned" | "class" | None) for one
-    kernel: its own best record, its structure class's best knobs, or the default template."""
+    kernel: its own best record, its structure class's best knobs, or the default template.
+
+    A record is rebuilt from the knob setting it carries, with the templates of this version
+    (so a template's improvement reaches every tuned kernel without retuning); a record
+    without knobs, or whose knobs no longer fit, replays its trace."""
     from tvm_rbn.schedules import default_schedule
+    from tvm_rbn.schedules.x86.space import apply_knobs, knobs_of
 
     from tvm.s_tir import Schedule
 
@@ -31,13 +36,14 @@ def lower_spec(spec: KernelSpec, family: str, database=None, target=None):
         mod = workload_mod(spec)
         rec = best_record(database, mod)
         if rec is not None:
-            sch = Schedule(mod)
-            rec.trace.apply_to_schedule(sch, remove_postproc=False)
+            knobs = knobs_of(rec.trace)
+            sch = apply_knobs(func, family, knobs) if knobs else None
+            if sch is None:
+                sch = Schedule(mod)
+                rec.trace.apply_to_schedule(sch, remove_postproc=False)
             return sch.mod["main"].with_attr("global_symbol", spec.symbol), "tuned"
         knobs = class_knobs(database).get(structure_class(spec))
         if knobs is not None:
-            from tvm_rbn.schedules.x86.space import apply_knobs
-
             sch = apply_knobs(func, family, knobs)
             if sch is not None:
                 return sch.mod["main"].with_attr("global_symbol", spec.symbol), "class"
