@@ -97,6 +97,7 @@ class DgradShape:
     lanes: int
     taps: int  # R*S of the forward conv
     row_stride: int
+    col_stride: int
 
 
 def _phase_blocks(sch: Schedule) -> list:
@@ -124,7 +125,8 @@ def dgrad_shape(sch: Schedule, family: str) -> DgradShape:
     for block in phases:
         _, _, _, u, k, ri, rj = cm.extents(sch, sch.get_loops(block))
         taps += ri * rj
-    return DgradShape(n, c, h, u, k, vector_lanes(family, cm.dtype_of(sch, phases[0])), taps, _phase_stride(sch, 2))
+    return DgradShape(n, c, h, u, k, vector_lanes(family, cm.dtype_of(sch, phases[0])), taps,
+                      _phase_stride(sch, 2), _phase_stride(sch, 3))
 
 
 def default_dgrad_knobs(shape: DgradShape, cores: int | None = None) -> DgradKnobs:
@@ -163,7 +165,6 @@ def schedule_dgrad(sch: Schedule, family: str, knobs: DgradKnobs | None = None) 
     shape = dgrad_shape(sch, family)
     kn = knobs or default_dgrad_knobs(shape)
     B = cm.blocks(sch)
-    sw = _phase_stride(sch, 3)
     phases = _phase_blocks(sch)
     cb, ub, kb = kn.ic_block, kn.ow_block, kn.k_block
     rows_u = -(-shape.h // shape.row_stride)
@@ -213,8 +214,8 @@ def schedule_dgrad(sch: Schedule, family: str, knobs: DgradKnobs | None = None) 
         task = sch.fuse(*outer)
         planes = task
     sch.parallel(task)
-    width = cm.extents(sch, [below[-1]])[0]
-    if sw > 1 and width % sw == 0:
+    sw = shape.col_stride
+    if sw > 1 and cm.extents(sch, [below[-1]])[0] % sw == 0:
         # columns by phase: for each b, w = sw*v + b reads phase column v of one phase (its
         # selection folds to a constant once b is unrolled), instead of a select per column
         v, b = sch.split(below[-1], [None, sw])
