@@ -165,6 +165,43 @@ class Tiny(nn.Sequential):
         )
 
 
+@pytest.mark.parametrize("recheck_ms, choice", [(0.9, "tvm"), (1.1, "pytorch")], ids=["recheck-faster", "recheck-slower"])
+def test_close_calls_are_retimed_before_deciding(monkeypatch, recheck_ms, choice):
+    """A layer whose first pass lands near the threshold is timed again, with more reps, and
+    decided on all of them; clear wins and losses are decided on the first pass."""
+    from tvm_rbn.benchmarks import layers, timing
+    from tvm_rbn.build import measure as cost
+
+    first = {"close": 1.05, "slow": 2.0, "fast": 0.5}  # ours per call (ms); PyTorch takes 1.0
+    calls = Counter()
+
+    class FakeCase:
+        def __init__(self, spec):
+            self.spec = spec
+
+        def ours(self):
+            return ("tvm_rbn", self.spec)
+
+        def torch_unfused(self):
+            return ("torch_unfused", self.spec)
+
+    def fake_time_sides(sides, reps, **_):
+        spec = sides["tvm_rbn"][1]
+        calls[spec] += 1
+        ours = first[spec] if calls[spec] == 1 else recheck_ms
+        return {"tvm_rbn": [ours / 1e3] * reps, "torch_unfused": [1e-3] * reps}
+
+    monkeypatch.setattr(cost, "sites", lambda *a, **k: [cost.Site([n], Counter({n: 1})) for n in first])
+    monkeypatch.setattr(provider, "prepare", lambda specs: None)
+    monkeypatch.setattr(layers, "_Case", FakeCase)
+    monkeypatch.setattr(timing, "time_sides", fake_time_sides)
+    rows = cost.measure(None, (1, 3, 8, 8), reps=5)
+    assert calls == {"close": 2, "slow": 1, "fast": 1}
+    assert rows["close"]["reps"] == 5 + cost.RECHECK * 5 and rows["slow"]["reps"] == 5
+    assert rows["close"]["choice"] == choice, rows["close"]
+    assert rows["slow"]["choice"] == "pytorch" and rows["fast"]["choice"] == "tvm"
+
+
 def test_build_measures_each_layer_and_restructure_follows(tmp_path):
     """Sane numbers (positive times, one choice per BatchNorm) without asserting which side
     wins: the decisions are whatever this machine measured, and restructure follows them."""

@@ -14,6 +14,7 @@ from conftest import assert_close
 # (id, N, C, H, W, K, kernel, stride, padding)
 LAYERS = [
     ("1x1", 2, 24, 8, 8, 20, 1, 1, 0),
+    ("1x1-stride2", 2, 24, 8, 8, 20, 1, 2, 0),
     ("3x3-pad1", 2, 16, 10, 10, 32, 3, 1, 1),
     ("3x3-stride2", 3, 12, 9, 9, 8, 3, 2, 1),
     ("7x7-stride2-pad3", 1, 3, 17, 17, 10, 7, 2, 3),

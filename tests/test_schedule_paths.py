@@ -132,3 +132,40 @@ def test_knob_candidates_compile_and_agree(shape, tmp_path):
         for got, knobs in zip(outs[1:], picked[1:]):
             for g, e in zip(got, outs[0]):
                 assert_close(g, e, f"{spec.op} with {knobs}", scale=max(1.0, float(e.abs().max())))
+
+
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
+def test_bare_input_is_read_in_place(stride, tmp_path):
+    """A 1x1 conv without prologue reads its NCHW input directly (no packed copy) by default;
+    packing it anyway (direct_input=False, the setting of older records) gives the same result."""
+    pytest.importorskip("tvm")
+    import tvm
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    from tvm_rbn.build.target import host_family, host_tvm_target
+    from tvm_rbn.kernels import KernelSpec
+    from tvm_rbn.runtime import load_module
+    from tvm_rbn.schedules.x86 import conv as cv
+
+    n, c, h, k = 4, 48, 8, 32
+    spec = KernelSpec.make("conv2d_fused", n=n, c=c, h=h, w=h, k=k, r=1, s=1, stride=(stride, stride),
+                           padding=(0, 0), dtype="float32", prologue_relu=None, stats=True)
+    func = te.create_prim_func(spec.build_args())
+    family = host_family()
+    default = cv.default_knobs(cv.conv_shape(Schedule(func), family))
+    assert default.direct_input
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, h)
+    weight = torch.randn(k, c, 1, 1) / c ** 0.5
+    ref = F.conv2d(x, weight, stride=stride)
+    for direct in (True, False):
+        sch = cv.schedule_conv(Schedule(func), family, cv.ConvKnobs(**{**default.as_dict(), "direct_input": direct}))
+        allocated = {b.name for b in sch.mod["main"].body.block.alloc_buffers}
+        assert ("pad" in allocated) != direct, f"direct_input={direct}: buffers {sorted(allocated)}"
+        lib = tvm.compile(tvm.IRModule({"k": sch.mod["main"].with_attr("global_symbol", "k")}), target=host_tvm_target())
+        lib.export_library(str(tmp_path / f"k{direct}.so"))
+        y, tile_sum, tile_m2 = torch.zeros_like(ref), torch.zeros(n, k), torch.zeros(n, k)
+        load_module(tmp_path / f"k{direct}.so")["k"](x, weight, y, tile_sum, tile_m2)
+        assert_close(y, ref, f"y, direct_input={direct}")
+        assert_close(tile_sum, ref.sum((2, 3)), f"tile_sum, direct_input={direct}", scale=float(ref.abs().sum() / n / k))

@@ -137,7 +137,7 @@ def test_search_space_leaves_out_settings_already_measured():
     def settings(measured):
         ctx = ms.TuneContext(mod=workload_mod(SPEC), target=host_tvm_target(), num_threads=1,
                              space_generator=search_space("x86-avx512", "k", measured), task_name="space")
-        return [knob_key(knobs_of(s.trace)["knobs"]) for s in ctx.space_generator.generate_design_space(ctx.mod)]
+        return [knob_key(knobs_of(s.trace)) for s in ctx.space_generator.generate_design_space(ctx.mod)]
 
     every = settings(set())
     assert len(every) > 2
@@ -150,6 +150,25 @@ def test_rerun_resumes_without_new_trials(tuned_folder):
     report = tune_specs([(SPEC, 1.0)], tuned_folder, trials=2)
     assert report.trials == 0
     assert (tuned_folder / records.RECORDS).read_bytes() == before
+
+
+def test_resume_measures_a_changed_default_first(tuned_folder, tmp_path, monkeypatch):
+    """When the templates' rules change a kernel's default setting, a resumed run measures the
+    new default before searching, so the best record is never worse than an untuned build."""
+    from dataclasses import replace
+
+    from tvm_rbn.schedules.x86 import conv as cv
+    from tvm_rbn.schedules.x86.space import knobs_of
+
+    folder = _copy(tuned_folder, tmp_path)
+    before = len((folder / records.RECORDS).read_text().splitlines())
+    original = cv.default_knobs
+    monkeypatch.setattr(cv, "default_knobs", lambda shape, cores=None: replace(original(shape, cores), unroll_ic=True))
+    report = tune_specs([(SPEC, 1.0)], folder, trials=before + 1, trials_per_batch=1)
+    assert report.per_task[0].get("default_measured") is True, report.per_task
+    db = records.load(folder, host_family())
+    settings = [knobs_of(rec.trace)["knobs"] for rec in db.get_all_tuning_records()]
+    assert any(k.get("unroll_ic") for k in settings), "the new default was not measured"
 
 
 def test_clock_budget_stops_the_search_cleanly(tmp_path):
@@ -280,7 +299,7 @@ def test_slice_reading_kernels_tune_on_whole_tensors_and_build_from_their_class(
     report = tune_specs([(sliced, 1.0)], folder, trials=2, trials_per_batch=1)
     assert report.trials >= 1
     db = records.load(folder, host_family())
-    secs = [records._mean_secs(rec) for rec in db.get_all_tuning_records()]
+    secs = [records.mean_secs(rec) for rec in db.get_all_tuning_records()]
     assert secs and all(s is not None for s in secs), f"a trial failed to build or run: {secs}"
     manifest = compile_library([sliced], tmp_path, tuning_logs=folder)
     assert manifest["kernels"][0]["schedule"] == "class"

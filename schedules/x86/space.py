@@ -105,8 +105,16 @@ def knobs_of(trace) -> dict | None:
     return None
 
 
-def knob_key(knobs: dict) -> str:
-    """A knob setting as a canonical string, to compare settings."""
+def knob_key(annotation: dict) -> str:
+    """A ``tvm_rbn.knobs`` annotation's setting as a canonical string, to compare settings:
+    knobs a record predates take their template's dataclass default (what it measured)."""
+    knobs = dict(annotation["knobs"])
+    kt = KNOB_TEMPLATES.get(annotation.get("template"))
+    if kt is not None:
+        try:
+            knobs = asdict(kt.knobs(**knobs))
+        except TypeError:  # a knob this version does not have: a setting of its own
+            pass
     return json.dumps(knobs, sort_keys=True)
 
 
@@ -122,7 +130,7 @@ def schedule_fn(family: str, klass: str | None = None, measured=()):
         out = design_spaces(sch.mod["main"], family, klass)
         if not out:
             raise ValueError("not a convolution kernel: the x86 knob space has no template for it")
-        fresh = [s for s in out if knob_key(knobs_of(s.trace)["knobs"]) not in measured]
+        fresh = [s for s in out if knob_key(knobs_of(s.trace)) not in measured]
         return fresh or out
 
     return ScheduleFn(spaces, sch_rules=[], postprocs=[], mutator_probs={})

@@ -157,7 +157,7 @@ def publish(scratch: Path, path: Path) -> None:
 FAILED_RUN_SECS = 1e9
 
 
-def _mean_secs(rec) -> float | None:
+def mean_secs(rec) -> float | None:
     """A record's mean run time, or None when it did not build and run."""
     if not rec.run_secs:
         return None
@@ -180,7 +180,7 @@ def _index(database) -> tuple[dict, dict]:
 
     by_workload: dict[int, list] = {}
     for rec in database.get_all_tuning_records():
-        secs = _mean_secs(rec)
+        secs = mean_secs(rec)
         if secs is not None:
             by_workload.setdefault(tvm_ffi.structural_hash(rec.workload.mod), []).append((secs, rec))
     for rows in by_workload.values():

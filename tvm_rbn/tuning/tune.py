@@ -9,7 +9,9 @@ workers inherit TVM_NUM_THREADS, set to torch's). The run stops at the trial bud
 time budget, whichever comes first; after every measured batch the records are published to
 the folder (atomic rename), so a run that is interrupted loses at most its current batch, and
 running the same command again resumes: trials already recorded for a workload count against
-its budget, and the search starts from the best records.
+its budget, and the search starts from the best records. Before it searches, a run measures
+what the database lacks of the current templates (``_seeds``): each kernel's default setting,
+and its best setting carried into knobs newer than its record.
 
 x86: the search space is the designed templates' knob settings (``schedules/x86/space.py``),
 searched by MetaSchedule's evolutionary search with its XGBoost cost model. Kernels of the
@@ -145,16 +147,19 @@ def tune_specs(
         deadline = start + seconds if seconds else float("inf")
         builder = ms.builder.LocalBuilder(f_build=BUILD_FUNC, initializer=register, timeout_sec=60.0)
         runner = runner or ms.runner.LocalRunner(timeout_sec=60.0)
-        fresh = [i for i, row in enumerate(report_rows) if row["trials_before"] == 0]
-        if fresh and not family.startswith("cuda"):
-            stream.write(f"measuring the default schedules of {len(fresh)} kernels first\n")
-            measured_ok = _seed_with_defaults(db, [tasks[i].mod for i in fresh],
-                                              [structure_class(weighted_specs[tasks[i].task_name]) for i in fresh],
-                                              family, target, builder, runner)
-            for i, ok in zip(fresh, measured_ok):
-                report_rows[i]["default_measured"] = ok
+        if knob_space:
+            _record_measured_settings(db, measured_settings)
+            seeds = _seeds(db, tasks, [structure_class(weighted_specs[t.task_name]) for t in tasks], family,
+                           measured_settings)
+            if seeds:
+                stream.write(f"measuring {len(seeds)} settings first (new defaults, best settings carried "
+                             f"into new knobs)\n")
+                measured_ok = _measure_seeds(db, [(tasks[i].mod, sch) for i, sch, _ in seeds], target, builder,
+                                             runner)
+                for (i, _, what), ok in zip(seeds, measured_ok):
+                    report_rows[i][f"{what}_measured"] = ok
         records.publish(scratch, out)
-        already += sum(1 for row in report_rows if row.get("default_measured"))
+        already += sum(1 for row in report_rows for what in ("default", "carried") if row.get(f"{what}_measured"))
         if measured_settings:
             _record_measured_settings(db, measured_settings)
         lines_before_search = sum(1 for _ in open(scratch / records.RECORDS))
@@ -178,31 +183,68 @@ def tune_specs(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _seed_with_defaults(db, mods: list, classes: list, family: str, target, builder, runner) -> list[bool]:
-    """Measure each kernel's default-template schedule and record it, so the best record of a
-    workload is never slower than what an untuned build would use. One builder and one runner
-    batch for all kernels; per kernel, False if its default failed to build or run."""
-    from tvm.s_tir import meta_schedule as ms
+def _seeds(db, tasks, classes: list, family: str, measured: dict[str, set]) -> list[tuple[int, object, str]]:
+    """Settings to measure before the search, as (task index, schedule, "default"|"carried"):
+
+    - the kernel's default setting under the current templates, unless its class measured it
+      (a new kernel, or rules changed since its records): the best record is then never worse
+      than what an untuned build would use;
+    - the best record's setting carried into knobs it predates: the fields it lacks take the
+      current default's values (a record older than ``direct_input`` measured packing; its
+      tuned tiles may be faster still without it).
+
+    A kernel without a knob template: its default schedule, when it has no records."""
+    import tvm_ffi
 
     from tvm_rbn.schedules import default_schedule, design_spaces
+    from tvm_rbn.schedules.x86.space import apply_knobs, knob_key, knobs_of
 
-    schedules = []
-    for mod, klass in zip(mods, classes):
-        spaces = design_spaces(mod["main"], family, klass, limit=1)  # the default knobs, annotated
-        schedules.append(spaces[0] if spaces else default_schedule(mod["main"], family))
-    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for sch in schedules])
+    best: dict[int, tuple[float, object]] = {}
+    for rec in db.get_all_tuning_records():
+        secs = records.mean_secs(rec)
+        key = tvm_ffi.structural_hash(rec.workload.mod)
+        if secs is not None and (key not in best or secs < best[key][0]):
+            best[key] = (secs, rec)
+    out = []
+    for i, (task, klass) in enumerate(zip(tasks, classes)):
+        done = measured.get(klass, set())
+        found = best.get(tvm_ffi.structural_hash(task.mod))
+        spaces = design_spaces(task.mod["main"], family, klass, limit=1)
+        if not spaces:
+            if found is None:
+                out.append((i, default_schedule(task.mod["main"], family), "default"))
+            continue
+        default = knobs_of(spaces[0].trace)
+        if knob_key(default) not in done:
+            out.append((i, spaces[0], "default"))
+        annotation = knobs_of(found[1].trace) if found else None
+        if annotation and set(default["knobs"]) - set(annotation["knobs"]):
+            carried = {**annotation, "knobs": {**default["knobs"], **annotation["knobs"]}, "class": klass}
+            if knob_key(carried) not in done and knob_key(carried) != knob_key(default):
+                sch = apply_knobs(task.mod["main"], family, carried)
+                if sch is not None:
+                    out.append((i, sch, "carried"))
+    return out
+
+
+def _measure_seeds(db, seeds: list, target, builder, runner) -> list[bool]:
+    """Measure (workload, schedule) pairs in one builder and one runner batch and record them;
+    per pair, False if it failed to build or run."""
+    from tvm.s_tir import meta_schedule as ms
+
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch in seeds])
     device = "cpu" if target.kind.name == "llvm" else target.kind.name
-    args_infos = [ms.arg_info.ArgInfo.from_prim_func(mod["main"]) for mod in mods]
+    args_infos = [ms.arg_info.ArgInfo.from_prim_func(mod["main"]) for mod, _ in seeds]
     runnable = [i for i, b in enumerate(built) if not b.error_msg]
     futures = runner.run([ms.runner.RunnerInput(built[i].artifact_path, device, args_infos[i]) for i in runnable])
-    ok = [False] * len(mods)
+    ok = [False] * len(seeds)
     for i, future in zip(runnable, futures):
         result = future.result()
         if result.error_msg or not result.run_secs:
             continue
+        mod, sch = seeds[i]
         db.commit_tuning_record(ms.database.TuningRecord(
-            schedules[i].trace, db.commit_workload(mods[i]), [float(t) for t in result.run_secs], target,
-            args_infos[i]))
+            sch.trace, db.commit_workload(mod), [float(t) for t in result.run_secs], target, args_infos[i]))
         ok[i] = True
     return ok
 
@@ -241,7 +283,7 @@ def _record_measured_settings(db, by_class: dict[str, set]) -> None:
     for rec in db.get_all_tuning_records():
         annotation = knobs_of(rec.trace)
         if annotation and annotation.get("class") in by_class:
-            by_class[annotation["class"]].add(knob_key(annotation["knobs"]))
+            by_class[annotation["class"]].add(knob_key(annotation))
 
 
 def _strategy(family: str):
