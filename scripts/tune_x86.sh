@@ -13,9 +13,17 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 family="$(python -c 'from tvm_rbn.build.target import host_family; print(host_family())')"
+# --target FAMILY tunes for another x86 family (measured on this machine)
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[i]}" in
+        --target) family="${args[i+1]:-$family}" ;;
+        --target=*) family="${args[i]#--target=}" ;;
+    esac
+done
 case "$family" in
     x86-avx512|x86-avx2) ;;
-    *) echo "tune_x86.sh is for x86 CPUs with AVX2 or AVX-512; this machine is $family" >&2; exit 2 ;;
+    *) echo "tune_x86.sh tunes x86 families (x86-avx512, x86-avx2); the target here is $family" >&2; exit 2 ;;
 esac
 # TVM measures on as many threads as training will use (PyTorch's count), not its default half.
 export TVM_NUM_THREADS="${TVM_NUM_THREADS:-$(python -c 'import torch; print(torch.get_num_threads())')}"

@@ -74,8 +74,9 @@ def _tune(args) -> int:
           + (f" or {args.seconds:.0f} s" if args.seconds else "") + f"; records go to {out}", flush=True)
     report = tune(_model(args), _shape(args), out=out, family=family, trials=args.trials, seconds=args.seconds,
                   trials_per_batch=args.batch_trials, runner=runner, target=target)
-    print(f"{report.trials} trials over {report.tasks} kernels in {report.seconds:.0f} s "
-          f"({report.seconds_per_trial:.1f} s per trial); records in {report.folder}")
+    seeded = f" (and {report.seeds} settings measured first)" if report.seeds else ""
+    print(f"{report.trials} trials{seeded} over {report.tasks} kernels in {report.seconds:.0f} s "
+          f"({report.seconds_per_trial:.1f} s per measurement); records in {report.folder}")
     return 0
 
 

@@ -156,7 +156,10 @@ def plot(results: list[dict], path: Path) -> Path | None:
                   [f"{r['model']}\nb{r['batch']} {r['size']}x{r['size']}" for r in results])
     ax.set_ylabel("training-step speedup vs PyTorch eager")
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.legend(fontsize=8)
+    # headroom above the tallest bar's label for a legend in one row
+    top = max(r["speedup_vs_eager"][s] for r in results for s in sides)
+    ax.set_ylim(0, top * 1.25)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(sides), frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -6,7 +6,8 @@ Every convolution kernel of one training step (forward, data gradient, weight gr
 MetaSchedule task, weighted by its FLOPs x the times a step calls it, so trials go where the
 step's time is. Candidates are measured on the machine's own thread count (the runner's
 workers inherit TVM_NUM_THREADS, set to torch's). The run stops at the trial budget or the
-time budget, whichever comes first; after every measured batch the records are published to
+time budget, whichever comes first (past the time budget no batch is proposed; batches in
+flight are still joined and kept, ``_clocked``); after every measured batch the records are published to
 the folder (atomic rename), so a run that is interrupted loses at most its current batch, and
 running the same command again resumes: trials already recorded for a workload count against
 its budget, and the search starts from the best records. Before it searches, a run measures
@@ -43,10 +44,13 @@ class TuningReport:
     trials: int
     seconds: float
     per_task: list[dict] = field(default_factory=list)
+    seeds: int = 0  # settings measured before the search (new defaults, carried settings)
 
     @property
     def seconds_per_trial(self) -> float:
-        return self.seconds / self.trials if self.trials else float("nan")
+        """Wall time per measurement, the search's trials and the seeds together."""
+        n = self.trials + self.seeds
+        return self.seconds / n if n else float("nan")
 
 
 def _progress(done: int, total: int, start: float, stream) -> None:
@@ -60,15 +64,61 @@ def _progress(done: int, total: int, start: float, stream) -> None:
 
 
 class _ClockExpired(Exception):
-    """Raised from the measure callback to stop MetaSchedule when --seconds has run out."""
+    """Raised from the measure callback to stop MetaSchedule when --seconds and its grace for
+    batches in flight have run out."""
+
+
+def grace_seconds(seconds: float) -> float:
+    """How long past --seconds batches already sent may still finish measuring and be kept."""
+    return max(30.0, 0.1 * seconds)
+
+
+def _clocked(strategy, deadline: float):
+    """`strategy`, proposing no more candidates once `deadline` has passed.
+
+    MetaSchedule's task schedulers send a batch of every task before they join the first (79
+    batches for resnet50), so a clock checked only when results come back stopped a run long
+    after --seconds and dropped every batch measured but not yet joined. Past the deadline a
+    task's next request for candidates ends that task instead; what is in flight is joined
+    and recorded (up to ``grace_seconds``, when the measure callback stops the rest)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.search_strategy import PySearchStrategy
+
+    @derived_object
+    class Clocked(PySearchStrategy):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def _initialize_with_tune_context(self, context) -> None:
+            self.inner._initialize_with_tune_context(context)
+
+        def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None):
+            self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
+
+        def post_tuning(self) -> None:
+            self.inner.post_tuning()
+
+        def generate_measure_candidates(self):
+            if time.perf_counter() > deadline:
+                return None
+            return self.inner.generate_measure_candidates()
+
+        def notify_runner_results(self, measure_candidates, results) -> None:
+            self.inner.notify_runner_results(measure_candidates, results)
+
+        def clone(self):
+            return Clocked(self.inner.clone())
+
+    return Clocked(strategy)
 
 
 def _make_callback(scratch: Path, out: Path, budget_trials: int, deadline: float, start: float, stream):
     """(callback, state): state["expired"] tells that the callback stopped the search.
 
-    Past the deadline the callback raises rather than terminating tasks: the task schedulers
-    check that a task they pick or join is not terminated, and a callback runs in the middle
-    of their loop (terminating from it failed both ways in real runs)."""
+    `deadline` is the hard stop (--seconds plus the grace for batches in flight). Past it the
+    callback raises rather than terminating tasks: the task schedulers check that a task they
+    pick or join is not terminated, and a callback runs in the middle of their loop
+    (terminating from it failed both ways in real runs)."""
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
     from tvm.ir.utils import derived_object
 
@@ -119,6 +169,8 @@ def tune_specs(
     scratch = records.scratch_copy(out)
     weighted_specs = {spec.symbol: spec for spec in (without_views(spec) for spec, _ in weighted)}
     start = time.perf_counter()
+    deadline = start + seconds if seconds else float("inf")
+    hard_deadline = deadline + grace_seconds(seconds) if seconds else deadline
     try:
         db = ms.database.JSONDatabase(str(scratch / records.WORKLOADS), str(scratch / records.RECORDS))
         tasks, weights, report_rows = [], [], []
@@ -136,7 +188,7 @@ def tune_specs(
             klass = structure_class(spec) if knob_space else None
             measured = measured_settings.setdefault(klass, set()) if klass else ()
             tasks.append(ms.TuneContext(mod=mod, target=target, space_generator=_space(family, klass, measured),
-                                        search_strategy=_strategy(family), task_name=spec.symbol,
+                                        search_strategy=_clocked(_strategy(family), deadline), task_name=spec.symbol,
                                         num_threads=host_cores()))
             weights.append(weight)
         already = sum(r["trials_before"] for r in report_rows)
@@ -144,7 +196,6 @@ def tune_specs(
         if remaining == 0 or not tasks:
             stream.write(f"nothing to tune: {already} trials already recorded for these {len(tasks)} kernels\n")
             return TuningReport(out, len(tasks), 0, 0.0, report_rows)
-        deadline = start + seconds if seconds else float("inf")
         builder = ms.builder.LocalBuilder(f_build=BUILD_FUNC, initializer=register, timeout_sec=60.0)
         runner = runner or ms.runner.LocalRunner(timeout_sec=60.0)
         if knob_space:
@@ -159,12 +210,13 @@ def tune_specs(
                 for (i, _, what), ok in zip(seeds, measured_ok):
                     report_rows[i][f"{what}_measured"] = ok
         records.publish(scratch, out)
-        already += sum(1 for row in report_rows for what in ("default", "carried") if row.get(f"{what}_measured"))
+        seeded = sum(1 for row in report_rows for what in ("default", "carried") if row.get(f"{what}_measured"))
+        already += seeded
         if measured_settings:
             _record_measured_settings(db, measured_settings)
         lines_before_search = sum(1 for _ in open(scratch / records.RECORDS))
         callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
-        publisher, clock = _make_callback(scratch, out, remaining, deadline, start, stream)
+        publisher, clock = _make_callback(scratch, out, remaining, hard_deadline, start, stream)
         callbacks.append(publisher)
         try:
             ms.tune_tasks(
@@ -178,7 +230,7 @@ def tune_specs(
         records.publish(scratch, out)
         measured = sum(1 for _ in open(scratch / records.RECORDS)) - lines_before_search
         stream.write("\n")
-        return TuningReport(out, len(tasks), measured, time.perf_counter() - start, report_rows)
+        return TuningReport(out, len(tasks), measured, time.perf_counter() - start, report_rows, seeded)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
