@@ -143,7 +143,9 @@ def main(argv=None) -> int:
                                    "time is; records are saved after every batch, and rerunning resumes.")
     _model_args(p)
     p.add_argument("--trials", type=int, default=64, help="total trial budget over all kernels (default 64)")
-    p.add_argument("--seconds", type=float, default=None, help="wall-clock budget; stops after the running batch")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="wall-clock budget: no batch is proposed after it; batches in flight are kept for up "
+                        "to max(30 s, 10%%) more")
     p.add_argument("--batch-trials", type=int, default=16, help="candidates measured per batch (default 16)")
     p.add_argument("--logs", default=None, help="tuning-log root (default: the project's tuning_logs/); "
                                                 "records go to LOGS/<target family>/")
