@@ -165,18 +165,10 @@ def mean_secs(rec) -> float | None:
     return secs if secs < FAILED_RUN_SECS else None
 
 
-_index_memo: dict[int, tuple] = {}
-
-
-def _index(database) -> tuple[dict, dict]:
-    """(structural hash -> [(secs, record)] of measured records, fastest first;
-    structure class -> knob annotation of its best record), built once per database."""
-    memo = _index_memo.get(id(database))
-    if memo is not None and memo[0] is database:
-        return memo[1]
+def measured_by_workload(database) -> dict[int, list]:
+    """structural hash -> [(secs, record)] of the records that built and ran, fastest first
+    (read now: the tuner calls it on a database it is still adding to)."""
     import tvm_ffi
-
-    from tvm_rbn.schedules.x86.space import knobs_of
 
     by_workload: dict[int, list] = {}
     for rec in database.get_all_tuning_records():
@@ -185,6 +177,21 @@ def _index(database) -> tuple[dict, dict]:
             by_workload.setdefault(tvm_ffi.structural_hash(rec.workload.mod), []).append((secs, rec))
     for rows in by_workload.values():
         rows.sort(key=lambda row: row[0])
+    return by_workload
+
+
+_index_memo: dict[int, tuple] = {}
+
+
+def _index(database) -> tuple[dict, dict]:
+    """(``measured_by_workload``; structure class -> knob annotation of its best record),
+    built once per database."""
+    memo = _index_memo.get(id(database))
+    if memo is not None and memo[0] is database:
+        return memo[1]
+    from tvm_rbn.schedules.x86.space import knobs_of
+
+    by_workload = measured_by_workload(database)
     # per class: the most-tuned workload's fastest setting (times of different workloads do not compare)
     best: dict[str, tuple[int, dict]] = {}
     for rows in by_workload.values():

@@ -251,12 +251,7 @@ def _seeds(db, tasks, classes: list, family: str, measured: dict[str, set]) -> l
     from tvm_rbn.schedules import default_schedule, design_spaces
     from tvm_rbn.schedules.x86.space import apply_knobs, knob_key, knobs_of
 
-    best: dict[int, tuple[float, object]] = {}
-    for rec in db.get_all_tuning_records():
-        secs = records.mean_secs(rec)
-        key = tvm_ffi.structural_hash(rec.workload.mod)
-        if secs is not None and (key not in best or secs < best[key][0]):
-            best[key] = (secs, rec)
+    best = {key: rows[0] for key, rows in records.measured_by_workload(db).items()}  # (secs, record)
     out = []
     for i, (task, klass) in enumerate(zip(tasks, classes)):
         done = measured.get(klass, set())
