@@ -48,6 +48,48 @@ def test_memory_held_through_another_tensor_is_not_reused(holder):
     del kept
 
 
+@pytest.mark.parametrize("ratio, reused", [(1.25, True), (1.5, False)], ids=["within-fit", "too-large"])
+def test_an_idle_block_serves_a_smaller_request_within_fit(ratio, reused):
+    assert 1.25 <= buffers.FIT < 1.5
+    rows = BIG[0]
+    big = buffers.empty((round(rows * ratio), BIG[1]), torch.float32)
+    ptr = big.data_ptr()
+    del big
+    small = buffers.empty(BIG, torch.float32)
+    assert (small.data_ptr() == ptr) is reused
+    assert small.shape == BIG and small.is_contiguous()
+
+
+def test_a_repeated_step_allocates_nothing_after_the_first():
+    """Sizes whose peaks come at different times (a step's forward activations, then its
+    gradients of another size): the blocks of both are kept, so the second step reuses every
+    one. A pool capped at its high-water mark would drop one size's blocks for the other's."""
+    def step():
+        ptrs = []
+        for rows in (BIG[0], 2 * BIG[0]):
+            held = [buffers.empty((rows, BIG[1]), torch.float32) for _ in range(3)]
+            ptrs += [t.data_ptr() for t in held]
+            del held
+        return ptrs
+
+    first = step()
+    held = buffers.pooled_bytes()
+    assert step() == first
+    assert buffers.pooled_bytes() == held
+
+
+def test_the_pool_holds_at_most_headroom_times_its_high_water_mark():
+    sizes = [BIG[0] + 64 * i for i in range(40)]  # each more than FIT apart from the next few
+    for rows in sizes[::3] * 2:
+        t = buffers.empty((rows, BIG[1]), torch.float32)
+        in_use = t.numel() * t.element_size()
+        del t
+        held = buffers.pooled_bytes()
+        assert held["in_use"] == 0
+        assert held["idle"] <= buffers.HEADROOM * buffers._high_water
+    assert buffers._high_water >= in_use
+
+
 def test_small_cuda_or_disabled_requests_bypass_the_pool(monkeypatch):
     small = buffers.empty((16, 16), torch.float32)
     assert buffers.pooled_bytes() == {"in_use": 0, "idle": 0}
