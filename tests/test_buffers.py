@@ -60,21 +60,23 @@ def test_an_idle_block_serves_a_smaller_request_within_fit(ratio, reused):
     assert small.shape == BIG and small.is_contiguous()
 
 
-def test_a_repeated_step_allocates_nothing_after_the_first():
-    """Sizes whose peaks come at different times (a step's forward activations, then its
-    gradients of another size): the blocks of both are kept, so the second step reuses every
-    one. A pool capped at its high-water mark would drop one size's blocks for the other's."""
-    def step():
-        ptrs = []
-        for rows in (BIG[0], 2 * BIG[0]):
-            held = [buffers.empty((rows, BIG[1]), torch.float32) for _ in range(3)]
-            ptrs += [t.data_ptr() for t in held]
-            del held
-        return ptrs
+def _two_phase_step() -> list[int]:
+    """Three blocks of one size in use at once, then three of twice that size: sizes whose
+    peaks come at different times, as a step's activations and gradients of other shapes."""
+    ptrs = []
+    for rows in (BIG[0], 2 * BIG[0]):
+        held = [buffers.empty((rows, BIG[1]), torch.float32) for _ in range(3)]
+        ptrs += [t.data_ptr() for t in held]
+        del held
+    return ptrs
 
-    first = step()
+
+def test_a_repeated_step_allocates_nothing_after_the_first():
+    """The blocks of both sizes are kept, so the second step reuses every one. A pool capped
+    at its high-water mark would drop one size's blocks for the other's."""
+    first = _two_phase_step()
     held = buffers.pooled_bytes()
-    assert step() == first
+    assert _two_phase_step() == first
     assert buffers.pooled_bytes() == held
 
 
@@ -86,8 +88,32 @@ def test_the_pool_holds_at_most_headroom_times_its_high_water_mark():
         del t
         held = buffers.pooled_bytes()
         assert held["in_use"] == 0
-        assert held["idle"] <= buffers.HEADROOM * buffers._high_water
-    assert buffers._high_water >= in_use
+        assert held["idle"] <= buffers.HEADROOM * buffers._state.high_water
+    assert buffers._state.high_water >= in_use
+
+
+def test_a_separate_pool_state_neither_sees_nor_lends_the_outer_blocks():
+    outer = buffers.empty(BIG, torch.float32)
+    outer_ptr = outer.data_ptr()
+    del outer
+    with buffers.using(buffers.PoolState()) as state:
+        inner = buffers.empty(BIG, torch.float32)
+        assert inner.data_ptr() != outer_ptr and state.created == 1
+        del inner
+        buffers.empty(BIG, torch.float32)
+        assert state.created == 1 and state.held() == BIG[0] * BIG[1] * 4
+    assert buffers.empty(BIG, torch.float32).data_ptr() == outer_ptr
+
+
+def test_headroom_from_the_environment(monkeypatch):
+    monkeypatch.setenv("TVM_RBN_BUFFER_HEADROOM", "1")
+    _two_phase_step()
+    _two_phase_step()
+    assert buffers.pooled_bytes()["idle"] <= buffers._state.high_water  # capped at the high-water mark
+    for bad in ("0.5", "two"):
+        monkeypatch.setenv("TVM_RBN_BUFFER_HEADROOM", bad)
+        with pytest.raises(ValueError, match="TVM_RBN_BUFFER_HEADROOM"):
+            buffers.empty((4 * BIG[0], BIG[1]), torch.float32)
 
 
 def test_small_cuda_or_disabled_requests_bypass_the_pool(monkeypatch):

@@ -19,7 +19,8 @@ while the pool holds less than HEADROOM times the most bytes its blocks were in 
 (at a miss), since blocks held for the peak of each size together exceed that peak: a
 resnet50 step at batch 16, 224x224 needs 1.41 GB of blocks for a high-water mark of 1.10 GB,
 and capping the pool at its high-water mark cost 40 misses (0.47 GB of fresh pages) per
-step. Past HEADROOM, idle blocks go least recently used first. Blocks idle for IDLE_SECONDS
+step. Past HEADROOM, idle blocks go least recently used first (``TVM_RBN_BUFFER_HEADROOM=1``
+trades those misses for the smaller heap). Blocks idle for IDLE_SECONDS
 are released at the next miss; ``clear()`` releases every idle block now.
 ``TVM_RBN_BUFFER_POOL=0`` turns the pool off (plain ``torch.empty``).
 What the pool keeps counts in ``benchmarks.memory`` (malloc'd, like any tensor).
@@ -32,6 +33,7 @@ model's real shapes and tuned schedules (``tests/test_memory_bounds.py``).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import mmap
@@ -45,13 +47,40 @@ import torch
 
 MIN_BYTES = 1 << 20
 FIT = 1.3
-HEADROOM = 2.0
+HEADROOM = 2.0  # default of TVM_RBN_BUFFER_HEADROOM
 IDLE_SECONDS = 60.0
 ALIGNMENT = 64  # bytes, as torch's CPU allocator (and the kernels' buffers) expect
 
 _lock = threading.Lock()
-_pool: dict[int, list["_Block"]] = {}
-_high_water = 0  # the most bytes of blocks in use at once (at a miss), plus the block asked for
+
+
+class PoolState:
+    """The pool's blocks by size; its high-water mark, the most bytes of blocks in use at once
+    (at a miss) plus the block asked for; and how many blocks it has created (its misses)."""
+
+    def __init__(self):
+        self.blocks: dict[int, list["_Block"]] = {}
+        self.high_water = 0
+        self.created = 0
+
+    def held(self) -> int:
+        return sum(b.nbytes for bs in self.blocks.values() for b in bs)
+
+
+_state = PoolState()
+
+
+@contextlib.contextmanager
+def using(state: PoolState):
+    """Serve requests from `state` inside the block (A/B benchmarks give each side its own)."""
+    global _state
+    with _lock:
+        outer, _state = _state, state
+    try:
+        yield state
+    finally:
+        with _lock:
+            _state = outer
 
 
 class _Block:
@@ -91,6 +120,20 @@ def enabled() -> bool:
     return os.environ.get("TVM_RBN_BUFFER_POOL", "1") != "0"
 
 
+def headroom() -> float:
+    raw = os.environ.get("TVM_RBN_BUFFER_HEADROOM")
+    if raw is None:
+        return HEADROOM
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= 1:
+        raise ValueError(f"TVM_RBN_BUFFER_HEADROOM={raw!r}: expected a number >= 1 (the most the output pool "
+                         "holds, as a multiple of the most its blocks were in use at once)")
+    return value
+
+
 def guarded() -> bool:
     return os.environ.get("TVM_RBN_BUFFER_GUARD", "0") == "1"
 
@@ -118,25 +161,27 @@ def empty(shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torc
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if device.type != "cpu" or nbytes < max(MIN_BYTES, 1) or not enabled():  # no empty blocks
         return torch.empty(shape, dtype=dtype, device=device)
-    global _high_water
     with _lock:
         now = time.monotonic()
+        pool = _state.blocks
         fit = 1.0 if guarded() else FIT  # a guarded tensor ends where its block does
-        fits = [b for size, bs in _pool.items() if nbytes <= size <= nbytes * fit for b in bs if b.idle()]
+        fits = [b for size, bs in pool.items() if nbytes <= size <= nbytes * fit for b in bs if b.idle()]
         block = min(fits, key=lambda b: b.nbytes) if fits else None
         if block is None:
             _release_idle(now - IDLE_SECONDS)
-            blocks = [b for bs in _pool.values() for b in bs]
+            blocks = [b for bs in pool.values() for b in bs]
             idle = sorted((b for b in blocks if b.idle()), key=lambda b: b.last_used)
-            held = sum(b.nbytes for b in blocks)
-            _high_water = max(_high_water, held - sum(b.nbytes for b in idle) + nbytes)
+            held = _state.held()
+            _state.high_water = max(_state.high_water, held - sum(b.nbytes for b in idle) + nbytes)
+            limit = headroom() * _state.high_water
             for old in idle:
-                if held + nbytes <= HEADROOM * _high_water:
+                if held + nbytes <= limit:
                     break
-                _pool[old.nbytes].remove(old)
+                pool[old.nbytes].remove(old)
                 held -= old.nbytes
             block = _Block(nbytes)
-            _pool.setdefault(nbytes, []).append(block)
+            pool.setdefault(nbytes, []).append(block)
+            _state.created += 1
         block.last_used = now
         return block.tensor(shape, dtype)
 
@@ -147,12 +192,13 @@ def empty_like(t: torch.Tensor, shape=None, dtype: torch.dtype | None = None) ->
 
 
 def _release_idle(before: float) -> None:
-    for nbytes in list(_pool):
-        kept = [b for b in _pool[nbytes] if b.last_used >= before or not b.idle()]
+    pool = _state.blocks
+    for nbytes in list(pool):
+        kept = [b for b in pool[nbytes] if b.last_used >= before or not b.idle()]
         if kept:
-            _pool[nbytes] = kept
+            pool[nbytes] = kept
         else:
-            del _pool[nbytes]
+            del pool[nbytes]
 
 
 def clear() -> None:
@@ -164,6 +210,5 @@ def clear() -> None:
 def pooled_bytes() -> dict[str, int]:
     """Bytes the pool holds: {"in_use": ..., "idle": ...}."""
     with _lock:
-        blocks = [b for bs in _pool.values() for b in bs]
-        idle = sum(b.nbytes for b in blocks if b.idle())
-        return {"in_use": sum(b.nbytes for b in blocks) - idle, "idle": idle}
+        idle = sum(b.nbytes for bs in _state.blocks.values() for b in bs if b.idle())
+        return {"in_use": _state.held() - idle, "idle": idle}
