@@ -20,9 +20,9 @@ while the pool holds less than HEADROOM times the most bytes its blocks were in 
 resnet50 step at batch 16, 224x224 needs 1.41 GB of blocks for a high-water mark of 1.10 GB,
 and capping the pool at its high-water mark cost 40 misses (0.47 GB of fresh pages) per
 step. Past HEADROOM, idle blocks go least recently used first (``TVM_RBN_BUFFER_HEADROOM=1``
-trades those misses for the smaller heap). Blocks idle for IDLE_SECONDS
-are released at the next miss; ``clear()`` releases every idle block now.
-``TVM_RBN_BUFFER_POOL=0`` turns the pool off (plain ``torch.empty``).
+trades those misses for the smaller heap). Blocks idle for IDLE_SECONDS are released at the
+next miss; ``clear()`` releases every idle block now. ``TVM_RBN_BUFFER_POOL=0`` turns the pool
+off (plain ``torch.empty``).
 What the pool keeps counts in ``benchmarks.memory`` (malloc'd, like any tensor).
 
 ``TVM_RBN_BUFFER_GUARD=1`` (a check, not for speed) maps each block on its own, its data
