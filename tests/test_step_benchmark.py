@@ -49,3 +49,25 @@ def test_layer_benchmark_times_every_side_of_each_kind(tmp_path):
         assert set(med) == {"tvm_rbn", "torch_unfused", "onednn", "onednn_cl"} and min(med.values()) > 0, row
         assert math.isclose(row["vs_onednn_cl"], med["onednn_cl"] / med["tvm_rbn"]), row
     assert set(r["summary"]) == {"forward", "dgrad", "wgrad"}
+
+
+def test_pool_benchmark_gives_each_side_its_own_pool(tmp_path, monkeypatch):
+    from tvm_rbn.benchmarks import pool
+    from tvm_rbn.runtime import buffers
+
+    monkeypatch.setattr(buffers, "MIN_BYTES", 1 << 14)  # pool this tiny model's outputs
+    monkeypatch.delenv("TVM_RBN_BUFFER_POOL", raising=False)
+    outer = buffers._state
+    out = tmp_path / "pool"
+    pool.main(["--model", "resnet18", "--batch", "2", "--size", "64", "--steps", "2", "--warmup", "1",
+               "--no-layer-choice", "--out", str(out)])
+    assert buffers._state is outer
+    (r,) = json.loads(out.with_suffix(".json").read_text())["results"]
+    sides = r["sides"]
+    assert set(sides) == {"off", "capped", "default"}
+    assert all(len(s["times_s"]) == 2 and s["median_s"] > 0 for s in sides.values()), sides
+    assert sides["off"]["pool_bytes"] == sides["off"]["blocks_created_per_step"] == 0
+    assert sides["default"]["pool_bytes"] > 0 and sides["capped"]["pool_bytes"] > 0
+    # after one warm-up step the default headroom keeps every block a step needs
+    assert sides["default"]["blocks_created_per_step"] == 0, sides["default"]
+    assert sides["capped"]["pool_bytes"] <= sides["capped"]["high_water_bytes"]

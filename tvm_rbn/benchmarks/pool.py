@@ -43,7 +43,7 @@ def _with_env(env: dict, fn):
                 os.environ[k] = v
 
 
-def run_model(name: str, batch: int, size: int, steps: int, warmup: int) -> dict:
+def run_model(name: str, batch: int, size: int, steps: int, warmup: int, measure: bool = True) -> dict:
     import tvm_rbn
     from ..models import MODELS
 
@@ -51,7 +51,7 @@ def run_model(name: str, batch: int, size: int, steps: int, warmup: int) -> dict
     base = MODELS[name]()
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 1000, (batch,))
-    lib, _ = _library(base, x.shape, measure=True)
+    lib, _ = _library(base, x.shape, measure)
     sides = {side: {"step": _trainer(tvm_rbn.restructure(copy.deepcopy(base).train(), library=lib), x, y),
                     "state": buffers.PoolState(), "times": [], "created": 0} for side in SIDES}
 
@@ -98,11 +98,13 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-layer-choice", action="store_true",
+                    help="run every restructured layer on tvm_rbn's kernels (default: as `build` decides)")
     ap.add_argument("--out", default="out/bench_pool")
     a = ap.parse_args(argv)
     results = []
     for name in a.model:
-        results.append(run_model(name, a.batch, a.size, a.steps, a.warmup))
+        results.append(run_model(name, a.batch, a.size, a.steps, a.warmup, not a.no_layer_choice))
         print(format_table(results[-1]), flush=True)
     print(f"saved {save_json(Path(a.out).with_suffix('.json'), {'machine': machine(), 'results': results})}")
     return 0
