@@ -105,6 +105,18 @@ def test_a_separate_pool_state_neither_sees_nor_lends_the_outer_blocks():
     assert buffers.empty(BIG, torch.float32).data_ptr() == outer_ptr
 
 
+def test_a_pool_state_carries_its_own_headroom_and_switch():
+    with buffers.using(buffers.PoolState(headroom=1.0)) as capped:
+        _two_phase_step()
+        _two_phase_step()
+        assert capped.held() <= capped.high_water
+    with buffers.using(buffers.PoolState(enabled=False)) as off:
+        buffers.empty(BIG, torch.float32)
+        assert off.created == off.held() == 0
+    with pytest.raises(ValueError, match="headroom=0.5"):
+        buffers.PoolState(headroom=0.5)
+
+
 def test_headroom_from_the_environment(monkeypatch):
     monkeypatch.setenv("TVM_RBN_BUFFER_HEADROOM", "1")
     _two_phase_step()

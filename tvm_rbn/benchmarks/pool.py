@@ -3,8 +3,8 @@
     python -m tvm_rbn.benchmarks.pool [--model resnet50 densenet121] [--batch 16] [--size 224]
                                       [--steps 7] [--warmup 3] [--out out/bench_pool]
 
-Sides, each a copy of the restructured model with a pool of its own (``buffers.using``):
-``off`` (``TVM_RBN_BUFFER_POOL=0``: glibc's fresh mappings), ``capped`` (headroom 1: the pool
+Sides, each a copy of the restructured model with a pool of its own (``buffers.using`` a
+``PoolState``): ``off`` (no pooling: glibc's fresh mappings), ``capped`` (headroom 1: the pool
 never holds more than the most its blocks were in use at once) and ``default`` (headroom
 ``buffers.HEADROOM``). After the warm-up steps the sides take turns, one step each per round;
 medians, the blocks each side created per measured step, and the bytes its pool holds.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import time
 from pathlib import Path
@@ -25,22 +24,7 @@ from ..runtime import buffers
 from .step import _library, _trainer
 from .timing import machine, save_json
 
-SIDES = {"off": {"TVM_RBN_BUFFER_POOL": "0"},
-         "capped": {"TVM_RBN_BUFFER_HEADROOM": "1"},
-         "default": {"TVM_RBN_BUFFER_HEADROOM": str(buffers.HEADROOM)}}
-
-
-def _with_env(env: dict, fn):
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return fn()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+SIDES = {"off": {"enabled": False}, "capped": {"headroom": 1.0}, "default": {"headroom": buffers.HEADROOM}}
 
 
 def run_model(name: str, batch: int, size: int, steps: int, warmup: int, measure: bool = True) -> dict:
@@ -53,14 +37,14 @@ def run_model(name: str, batch: int, size: int, steps: int, warmup: int, measure
     y = torch.randint(0, 1000, (batch,))
     lib, _ = _library(base, x.shape, measure)
     sides = {side: {"step": _trainer(tvm_rbn.restructure(copy.deepcopy(base).train(), library=lib), x, y),
-                    "state": buffers.PoolState(), "times": [], "created": 0} for side in SIDES}
+                    "state": buffers.PoolState(**SIDES[side]), "times": [], "created": 0} for side in SIDES}
 
     def one(side: str, timed: bool) -> None:
         s = sides[side]
         with buffers.using(s["state"]):
             before = s["state"].created
             start = time.perf_counter()
-            _with_env(SIDES[side], s["step"])
+            s["step"]()
             elapsed = time.perf_counter() - start
         if timed:
             s["times"].append(elapsed)

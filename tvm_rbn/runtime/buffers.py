@@ -56,9 +56,16 @@ _lock = threading.Lock()
 
 class PoolState:
     """The pool's blocks by size; its high-water mark, the most bytes of blocks in use at once
-    (at a miss) plus the block asked for; and how many blocks it has created (its misses)."""
+    (at a miss) plus the block asked for; and how many blocks it has created (its misses).
 
-    def __init__(self):
+    headroom: this pool's own limit (None: ``TVM_RBN_BUFFER_HEADROOM``, else HEADROOM);
+    enabled=False serves every request with ``torch.empty`` (as ``TVM_RBN_BUFFER_POOL=0``)."""
+
+    def __init__(self, headroom: float | None = None, enabled: bool = True):
+        if headroom is not None and not headroom >= 1:
+            raise ValueError(f"headroom={headroom!r}: expected a number >= 1")
+        self.headroom = headroom
+        self.enabled = enabled
         self.blocks: dict[int, list["_Block"]] = {}
         self.high_water = 0
         self.created = 0
@@ -159,7 +166,7 @@ def empty(shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torc
     shape = tuple(int(d) for d in shape)
     device = torch.device(device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if device.type != "cpu" or nbytes < max(MIN_BYTES, 1) or not enabled():  # no empty blocks
+    if device.type != "cpu" or nbytes < max(MIN_BYTES, 1) or not enabled() or not _state.enabled:
         return torch.empty(shape, dtype=dtype, device=device)
     with _lock:
         now = time.monotonic()
@@ -171,9 +178,9 @@ def empty(shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torc
             _release_idle(now - IDLE_SECONDS)
             blocks = [b for bs in pool.values() for b in bs]
             idle = sorted((b for b in blocks if b.idle()), key=lambda b: b.last_used)
-            held = _state.held()
+            held = sum(b.nbytes for b in blocks)
             _state.high_water = max(_state.high_water, held - sum(b.nbytes for b in idle) + nbytes)
-            limit = headroom() * _state.high_water
+            limit = (_state.headroom or headroom()) * _state.high_water
             for old in idle:
                 if held + nbytes <= limit:
                     break

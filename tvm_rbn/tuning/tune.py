@@ -267,7 +267,8 @@ def _seeds(db, tasks, classes: list, family: str, measured: dict[str, set]) -> l
         annotation = knobs_of(found[1].trace) if found else None
         if annotation and set(default["knobs"]) - set(annotation["knobs"]):
             carried = {**annotation, "knobs": {**default["knobs"], **annotation["knobs"]}, "class": klass}
-            if knob_key(carried) not in done and knob_key(carried) != knob_key(default):
+            key = knob_key(carried)
+            if key not in done and key != knob_key(default):
                 sch = apply_knobs(task.mod["main"], family, carried)
                 if sch is not None:
                     out.append((i, sch, "carried"))
