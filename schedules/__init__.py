@@ -7,7 +7,7 @@ A template is a class whose ``apply(func, target_family)`` returns a scheduled
 from __future__ import annotations
 
 # Bumped whenever a template changes what it generates: part of every cache key.
-SCHEDULE_VERSION = "x86-default-14"
+SCHEDULE_VERSION = "x86-default-15"
 
 
 def templates_for(family: str) -> list:
@@ -37,12 +37,13 @@ def design_spaces(func, family: str, klass: str | None = None, limit: int | None
     return []
 
 
-def search_space(family: str, klass: str | None = None, measured=()):
+def search_space(family: str, klass: str | None = None, measured=(), batch: str | None = None):
     """The MetaSchedule search space (space generator) of a convolution kernel for a family.
 
     x86: the designed templates' knob settings (``x86/space.py``), each design space
     annotated with its knobs and `klass`, the kernel's structure class, without the settings
-    in `measured` (``knob_key`` strings) while others remain. CUDA: the default GPU
+    in `measured` (``knob_key`` strings) while others remain, stamped with `batch` (the
+    tuning run's start: see ``tvm_rbn.tuning.records.measured_by_workload``). CUDA: the default GPU
     rules (tiling bound to blocks/threads, shared-memory staging, unrolling), with two
     changes: no cross-thread
     reduction, which cannot schedule our kernels (their conv output is both a result and the
@@ -51,7 +52,7 @@ def search_space(family: str, klass: str | None = None, measured=()):
     if family.startswith("x86"):
         from .x86.space import schedule_fn
 
-        return schedule_fn(family, klass, measured)
+        return schedule_fn(family, klass, measured, batch)
     if family.startswith("cuda"):
         from tvm.s_tir import meta_schedule as ms
         from tvm.s_tir.meta_schedule.schedule_rule import MultiLevelTiling, ReuseType

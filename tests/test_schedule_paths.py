@@ -11,6 +11,9 @@ alternative knobs from the candidate lists.
 """
 from __future__ import annotations
 
+import itertools
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -169,3 +172,47 @@ def test_bare_input_is_read_in_place(stride, tmp_path):
         load_module(tmp_path / f"k{direct}.so")["k"](x, weight, y, tile_sum, tile_m2)
         assert_close(y, ref, f"y, direct_input={direct}")
         assert_close(tile_sum, ref.sum((2, 3)), f"tile_sum, direct_input={direct}", scale=float(ref.abs().sum() / n / k))
+
+
+
+@pytest.mark.parametrize("r, stride", [(1, 1), (3, 1), (3, 2)], ids=["1x1", "3x3", "3x3-stride2"])
+def test_wgrad_gradient_operand_placement(r, stride, tmp_path):
+    """With input channels as lanes the weight gradient forms its gradient operand (the grad
+    prologue) per image inside each parallel task; with output channels as lanes it packs it
+    once per call. Both give the reference dw, with one k tile per task and with two."""
+    pytest.importorskip("tvm")
+    import tvm
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    from tvm_rbn.build.target import host_family, host_tvm_target
+    from tvm_rbn.kernels import KernelSpec
+    from tvm_rbn.runtime import load_module
+    from tvm_rbn.schedules.x86 import backward as bw
+
+    n, c, h, k, padding = 4, 32, 8, 64, r // 2
+    spec = KernelSpec.make("conv2d_wgrad", n=n, c=c, h=h, w=h, k=k, r=r, s=r, stride=(stride, stride),
+                           padding=(padding, padding), dtype="float32", grad_prologue=True, prologue_relu=True)
+    func = te.create_prim_func(spec.build_args())
+    family = host_family()
+    candidates = bw.wgrad_knob_candidates(bw.wgrad_shape(Schedule(func), family))
+    p, _ = _out_hw(h, h, r, stride, padding)
+    torch.manual_seed(0)
+    grad = rbn.DeferredGrad(torch.randn(n, k, p, p), torch.randn(n, k, p, p), torch.rand(k) + 0.5,
+                            torch.randn(k) * 0.1, torch.randn(k))
+    x_raw = torch.randn(n, c, h, h)
+    co = _coeffs(c, torch.float32)
+    ref = ref_convb.conv2d_wgrad(grad, x_raw, co.scale, co.shift, (r, r), stride, padding, True)
+    for axis, k_tiles in itertools.product(("c", "k"), (1, 2)):
+        knobs = replace(next(kn for kn in candidates if kn.vector_axis == axis), k_tiles=k_tiles)
+        sch = bw.schedule_wgrad(Schedule(func), family, knobs)
+        task = sch.get(sch.get_loops(sch.get_sblock("wgrad_update"))[0])
+        in_task = sch.get(sch.get_loops(sch.get_sblock("grad"))[0]).same_as(task)
+        assert in_task == (axis == "c"), f"{knobs}: gradient formed {'in' if in_task else 'outside'} the task"
+        lib = tvm.compile(tvm.IRModule({"k": sch.mod["main"].with_attr("global_symbol", "k")}),
+                          target=host_tvm_target())
+        path = tmp_path / f"wgrad_{axis}_{k_tiles}.so"
+        lib.export_library(str(path))
+        dw = torch.zeros(k, c, r, r)
+        load_module(path)["k"](grad.dz, grad.x, grad.c1, grad.c2, grad.c3, x_raw, co.scale, co.shift, dw)
+        assert_close(dw, ref, f"dw, {knobs}", scale=max(1.0, float(ref.abs().max())))

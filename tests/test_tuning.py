@@ -171,6 +171,59 @@ def test_resume_measures_a_changed_default_first(tuned_folder, tmp_path, monkeyp
     assert any(k.get("unroll_ic") for k in settings), "the new default was not measured"
 
 
+def test_resume_carries_the_best_setting_into_each_value_of_a_newer_knob(tmp_path):
+    """A best record older than a knob (here ``k_tiles``, stripped from its annotation) is
+    measured again with each value the knob takes among the candidates, and once more as it
+    was, in the same batch: that batch's times decide, not the old record's."""
+    import re
+
+    from tvm_rbn.schedules.x86.space import knob_key, knobs_of
+
+    spec = OPS["wgrad"]
+    folder = tmp_path / host_family()
+    tune_specs([(spec, 1.0)], folder, trials=1, trials_per_batch=1)
+    text = (folder / records.RECORDS).read_text()
+    older, stripped = re.subn(r'\\*"k_tiles\\*": 1, ', "", text)
+    assert stripped == len(text.splitlines()), "a record's annotation has no k_tiles to strip"
+    (folder / records.RECORDS).write_text(older)
+    older_best = knob_key(knobs_of(records.best_record(records.load(folder, host_family()), workload_mod(spec)).trace))
+    report = tune_specs([(spec, 1.0)], folder, trials=10, trials_per_batch=1, seconds=1e-3)
+    row = report.per_task[0]
+    assert row.get("carried_measured") and row.get("remeasured_measured"), row
+    db = records.load(folder, host_family())
+    annotations = [knobs_of(rec.trace) for rec in db.get_all_tuning_records()]
+    assert any(a["knobs"].get("k_tiles", 1) > 1 and "batch" in a for a in annotations), annotations
+    assert any(knob_key(a) == older_best and "batch" in a for a in annotations), "the best was not measured again"
+
+
+def test_records_from_before_a_remeasurement_no_longer_count(tmp_path):
+    """A setting measured in two runs counts with its later time, and the workload's records
+    from before that run no longer count: a setting that won in the same batch as the
+    re-measured best is chosen, not one timed on a quieter day."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm_rbn.build.target import host_tvm_target
+    from tvm_rbn.schedules import design_spaces
+    from tvm_rbn.schedules.x86.space import apply_knobs, knob_key, knobs_of
+
+    family = host_family()
+    mod = workload_mod(SPEC)
+    first, second, third = (knobs_of(s.trace)
+                            for s in design_spaces(mod["main"], family, structure_class(SPEC), limit=3))
+    folder = tmp_path / family
+    folder.mkdir()
+    db = ms.database.JSONDatabase(str(folder / records.WORKLOADS), str(folder / records.RECORDS))
+    workload = db.commit_workload(mod)
+    args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+    today = "2026-11-25T00:00:00+00:00"
+    for annotation, secs in ((first, 1e-3), (third, 1.5e-3), ({**first, "batch": today}, 3e-3),
+                             ({**second, "batch": today}, 2e-3)):
+        sch = apply_knobs(mod["main"], family, annotation)
+        db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [secs], host_tvm_target(), args))
+    best = records.best_record(records.load(folder, family), mod)
+    assert knob_key(knobs_of(best.trace)) == knob_key(second), knobs_of(best.trace)
+
+
 def test_clock_budget_stops_the_search_cleanly(tmp_path):
     """Past --seconds no task proposes another batch, and the run ends without an error (the
     clock ran out while the defaults were measured: the search measures nothing)."""

@@ -58,17 +58,23 @@ def template_of(func) -> KnobTemplate | None:
     return None
 
 
-def annotated(sch: Schedule, template: str, knobs, klass: str | None = None) -> Schedule:
+def annotated(sch: Schedule, template: str, knobs, klass: str | None = None, batch: str | None = None) -> Schedule:
+    """The schedule with its ``tvm_rbn.knobs`` annotation: template, knobs, class, and the
+    measurement batch (see ``tvm_rbn.tuning.records.measured_by_workload``) when given."""
     value = {"template": template, "knobs": asdict(knobs)}
     if klass is not None:
         value["class"] = klass
+    if batch is not None:
+        value["batch"] = batch
     sch.annotate(sch.get_sblock("root"), KNOB_ANNOTATION, json.dumps(value, sort_keys=True))
     return sch
 
 
-def design_spaces(func, family: str, klass: str | None = None, limit: int | None = None) -> list[Schedule]:
+def design_spaces(func, family: str, klass: str | None = None, limit: int | None = None,
+                  batch: str | None = None) -> list[Schedule]:
     """One annotated schedule per valid knob setting of the kernel's template (default first);
-    [] when no knob template applies. `klass` (the kernel's structure class) is recorded too."""
+    [] when no knob template applies. `klass` (the kernel's structure class) and `batch` (the
+    tuning run's stamp) are recorded too."""
     kt = template_of(func)
     if kt is None:
         return []
@@ -80,7 +86,7 @@ def design_spaces(func, family: str, klass: str | None = None, limit: int | None
         except ValueError:  # a setting this shape cannot take
             continue
         if sch is not None:
-            out.append(annotated(sch, kt.name, knobs, klass))
+            out.append(annotated(sch, kt.name, knobs, klass, batch))
     return out
 
 
@@ -94,7 +100,7 @@ def apply_knobs(func, family: str, annotation: dict) -> Schedule | None:
         sch = kt.template.apply(func, family, knobs)
     except (TypeError, ValueError):
         return None
-    return annotated(sch, kt.name, knobs, annotation.get("class")) if sch is not None else None
+    return annotated(sch, kt.name, knobs, annotation.get("class"), annotation.get("batch")) if sch is not None else None
 
 
 def knobs_of(trace) -> dict | None:
@@ -118,7 +124,7 @@ def knob_key(annotation: dict) -> str:
     return json.dumps(knobs, sort_keys=True)
 
 
-def schedule_fn(family: str, klass: str | None = None, measured=()):
+def schedule_fn(family: str, klass: str | None = None, measured=(), batch: str | None = None):
     """The MetaSchedule space generator: the knob settings as design spaces, no extra rules,
     post-processors or mutators (the templates produce complete schedules). Settings whose
     ``knob_key`` is in `measured` (read when the search starts) are left out while others
@@ -127,7 +133,7 @@ def schedule_fn(family: str, klass: str | None = None, measured=()):
     from tvm.s_tir.meta_schedule.space_generator import ScheduleFn
 
     def spaces(sch: Schedule):
-        out = design_spaces(sch.mod["main"], family, klass)
+        out = design_spaces(sch.mod["main"], family, klass, batch=batch)
         if not out:
             raise ValueError("not a convolution kernel: the x86 knob space has no template for it")
         fresh = [s for s in out if knob_key(knobs_of(s.trace)) not in measured]

@@ -167,17 +167,39 @@ def mean_secs(rec) -> float | None:
 
 def measured_by_workload(database) -> dict[int, list]:
     """structural hash -> [(secs, record)] of the records that built and ran, fastest first
-    (read now: the tuner calls it on a database it is still adding to)."""
+    (read now: the tuner calls it on a database it is still adding to).
+
+    Times of different days do not compare on a noisy machine, so a tuning run stamps its
+    records with its start (the annotation's ``batch``, an ISO time; older records have none)
+    and re-measures a workload's best setting in the batch that measures new settings against
+    it (``tvm_rbn.tuning.tune._seeds``). Once a workload has a setting measured in two runs,
+    its records from before the later of those runs no longer count (they lost, on their
+    day, to a setting measured again since), and a setting counts with its latest time."""
     import tvm_ffi
+
+    from tvm_rbn.schedules.x86.space import knob_key, knobs_of
 
     by_workload: dict[int, list] = {}
     for rec in database.get_all_tuning_records():
         secs = mean_secs(rec)
-        if secs is not None:
-            by_workload.setdefault(tvm_ffi.structural_hash(rec.workload.mod), []).append((secs, rec))
-    for rows in by_workload.values():
-        rows.sort(key=lambda row: row[0])
-    return by_workload
+        if secs is None:
+            continue
+        annotation = knobs_of(rec.trace)
+        setting = knob_key(annotation) if annotation else id(rec)
+        batch = annotation.get("batch", "") if annotation else ""
+        by_workload.setdefault(tvm_ffi.structural_hash(rec.workload.mod), []).append((batch, setting, secs, rec))
+    out = {}
+    for key, entries in by_workload.items():
+        batches: dict = {}
+        for batch, setting, _, _ in entries:
+            batches.setdefault(setting, set()).add(batch)
+        since = max((max(b) for b in batches.values() if len(b) > 1), default="")
+        latest: dict = {}
+        for batch, setting, secs, rec in entries:
+            if batch >= since and (setting not in latest or batch > latest[setting][0]):
+                latest[setting] = (batch, secs, rec)
+        out[key] = sorted(((secs, rec) for _, secs, rec in latest.values()), key=lambda row: row[0])
+    return out
 
 
 _index_memo: dict[int, tuple] = {}

@@ -29,6 +29,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ..build.target import host_cores, host_family
@@ -169,6 +170,7 @@ def tune_specs(
     scratch = records.scratch_copy(out)
     weighted_specs = {spec.symbol: spec for spec in (without_views(spec) for spec, _ in weighted)}
     start = time.perf_counter()
+    batch = datetime.now(timezone.utc).isoformat(timespec="seconds")  # stamps this run's records
     deadline = start + seconds if seconds else float("inf")
     hard_deadline = deadline + grace_seconds(seconds) if seconds else deadline
     try:
@@ -187,7 +189,7 @@ def tune_specs(
                                 "trials_before": done})
             klass = structure_class(spec) if knob_space else None
             measured = measured_settings.setdefault(klass, set()) if klass else ()
-            tasks.append(ms.TuneContext(mod=mod, target=target, space_generator=_space(family, klass, measured),
+            tasks.append(ms.TuneContext(mod=mod, target=target, space_generator=_space(family, klass, measured, batch),
                                         search_strategy=_clocked(_strategy(family), deadline), task_name=spec.symbol,
                                         num_threads=host_cores()))
             weights.append(weight)
@@ -198,19 +200,20 @@ def tune_specs(
             return TuningReport(out, len(tasks), 0, 0.0, report_rows)
         builder = ms.builder.LocalBuilder(f_build=BUILD_FUNC, initializer=register, timeout_sec=60.0)
         runner = runner or ms.runner.LocalRunner(timeout_sec=60.0)
+        seeded = 0
         if knob_space:
             _record_measured_settings(db, measured_settings)
             seeds = _seeds(db, tasks, [structure_class(weighted_specs[t.task_name]) for t in tasks], family,
-                           measured_settings)
+                           measured_settings, batch)
             if seeds:
                 stream.write(f"measuring {len(seeds)} settings first (new defaults, best settings carried "
-                             f"into new knobs)\n")
+                             f"into new knobs, and those best settings again)\n")
                 measured_ok = _measure_seeds(db, [(tasks[i].mod, sch) for i, sch, _ in seeds], target, builder,
                                              runner)
                 for (i, _, what), ok in zip(seeds, measured_ok):
-                    report_rows[i][f"{what}_measured"] = ok
+                    report_rows[i][f"{what}_measured"] = report_rows[i].get(f"{what}_measured", False) or ok
+                    seeded += ok
         records.publish(scratch, out)
-        seeded = sum(1 for row in report_rows for what in ("default", "carried") if row.get(f"{what}_measured"))
         already += seeded
         if measured_settings:
             _record_measured_settings(db, measured_settings)
@@ -235,43 +238,68 @@ def tune_specs(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _seeds(db, tasks, classes: list, family: str, measured: dict[str, set]) -> list[tuple[int, object, str]]:
-    """Settings to measure before the search, as (task index, schedule, "default"|"carried"):
+def _seeds(db, tasks, classes: list, family: str, measured: dict[str, set],
+           batch: str) -> list[tuple[int, object, str]]:
+    """Settings to measure before the search, as (task index, schedule, "default" | "carried"
+    | "remeasured"):
 
     - the kernel's default setting under the current templates, unless its class measured it
       (a new kernel, or rules changed since its records): the best record is then never worse
       than what an untuned build would use;
-    - the best record's setting carried into knobs it predates: the fields it lacks take the
-      current default's values (a record older than ``direct_input`` measured packing; its
-      tuned tiles may be faster still without it).
+    - the best record's setting carried into knobs it predates, once with each value those
+      knobs take among the template's candidates (a record older than ``k_tiles`` measured
+      one k tile per task; its tuned tiles may be faster with more);
+    - the best setting itself again, when any carried setting is measured: this batch's
+      times compare with each other, not with a record of another day, and a setting's
+      latest time is the one that counts (``records.measured_by_workload``).
 
-    A kernel without a knob template: its default schedule, when it has no records."""
+    Every seed is stamped with the run's `batch`. A kernel without a knob template: its
+    default schedule, when it has no records."""
+    import itertools
+
     import tvm_ffi
+    from tvm.s_tir import Schedule
 
     from tvm_rbn.schedules import default_schedule, design_spaces
-    from tvm_rbn.schedules.x86.space import apply_knobs, knob_key, knobs_of
+    from tvm_rbn.schedules.x86.space import apply_knobs, knob_key, knobs_of, template_of
 
     best = {key: rows[0] for key, rows in records.measured_by_workload(db).items()}  # (secs, record)
     out = []
     for i, (task, klass) in enumerate(zip(tasks, classes)):
+        func = task.mod["main"]
         done = measured.get(klass, set())
         found = best.get(tvm_ffi.structural_hash(task.mod))
-        spaces = design_spaces(task.mod["main"], family, klass, limit=1)
+        spaces = design_spaces(func, family, klass, limit=1)
         if not spaces:
             if found is None:
-                out.append((i, default_schedule(task.mod["main"], family), "default"))
+                out.append((i, default_schedule(func, family), "default"))
             continue
-        default = knobs_of(spaces[0].trace)
+        default = {**knobs_of(spaces[0].trace), "batch": batch}
         if knob_key(default) not in done:
-            out.append((i, spaces[0], "default"))
+            out.append((i, apply_knobs(func, family, default), "default"))
         annotation = knobs_of(found[1].trace) if found else None
-        if annotation and set(default["knobs"]) - set(annotation["knobs"]):
-            carried = {**annotation, "knobs": {**default["knobs"], **annotation["knobs"]}, "class": klass}
+        newer = sorted(set(default["knobs"]) - set(annotation["knobs"])) if annotation else []
+        if not newer:
+            continue
+        kt = template_of(func)
+        settings = kt.candidates(kt.shape(Schedule(func), family))
+        values = [sorted({getattr(kn, name) for kn in settings} | {default["knobs"][name]}, key=repr)
+                  for name in newer]
+        carried_any = False
+        for combo in itertools.product(*values):
+            carried = {**annotation, "knobs": {**annotation["knobs"], **dict(zip(newer, combo))}, "class": klass,
+                       "batch": batch}
             key = knob_key(carried)
-            if key not in done and key != knob_key(default):
-                sch = apply_knobs(task.mod["main"], family, carried)
-                if sch is not None:
-                    out.append((i, sch, "carried"))
+            if key in done or key == knob_key(default):
+                continue
+            sch = apply_knobs(func, family, carried)
+            if sch is not None:
+                out.append((i, sch, "carried"))
+                carried_any = True
+        if carried_any:
+            again = apply_knobs(func, family, {**annotation, "batch": batch})
+            if again is not None:
+                out.append((i, again, "remeasured"))
     return out
 
 
@@ -318,10 +346,10 @@ def without_views(spec: KernelSpec) -> KernelSpec:
     return KernelSpec.make(spec.op, **{k: v for k, v in spec.kwargs.items() if k != "views"})
 
 
-def _space(family: str, klass: str | None, measured=()):
+def _space(family: str, klass: str | None, measured=(), batch: str | None = None):
     from tvm_rbn.schedules import search_space
 
-    return search_space(family, klass, measured)
+    return search_space(family, klass, measured, batch)
 
 
 def _record_measured_settings(db, by_class: dict[str, set]) -> None:
