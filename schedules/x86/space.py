@@ -100,7 +100,9 @@ def apply_knobs(func, family: str, annotation: dict) -> Schedule | None:
         sch = kt.template.apply(func, family, knobs)
     except (TypeError, ValueError):
         return None
-    return annotated(sch, kt.name, knobs, annotation.get("class"), annotation.get("batch")) if sch is not None else None
+    if sch is None:
+        return None
+    return annotated(sch, kt.name, knobs, annotation.get("class"), annotation.get("batch"))
 
 
 def knobs_of(trace) -> dict | None:
