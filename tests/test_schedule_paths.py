@@ -175,8 +175,9 @@ def test_bare_input_is_read_in_place(stride, tmp_path):
 
 
 
-@pytest.mark.parametrize("r, stride", [(1, 1), (3, 1), (3, 2)], ids=["1x1", "3x3", "3x3-stride2"])
-def test_wgrad_gradient_operand_placement(r, stride, tmp_path):
+@pytest.mark.parametrize("r, stride, h", [(1, 1, 8), (3, 1, 8), (3, 2, 8), (3, 1, 1)],
+                         ids=["1x1", "3x3", "3x3-stride2", "3x3-on-1x1-planes"])
+def test_wgrad_gradient_operand_placement(r, stride, h, tmp_path):
     """With input channels as lanes the weight gradient forms its gradient operand (the grad
     prologue) per image inside each parallel task; with output channels as lanes it packs it
     once per call. Both give the reference dw, with one k tile per task and with two."""
@@ -190,7 +191,7 @@ def test_wgrad_gradient_operand_placement(r, stride, tmp_path):
     from tvm_rbn.runtime import load_module
     from tvm_rbn.schedules.x86 import backward as bw
 
-    n, c, h, k, padding = 4, 32, 8, 64, r // 2
+    n, c, k, padding = 4, 32, 64, r // 2
     spec = KernelSpec.make("conv2d_wgrad", n=n, c=c, h=h, w=h, k=k, r=r, s=r, stride=(stride, stride),
                            padding=(padding, padding), dtype="float32", grad_prologue=True, prologue_relu=True)
     func = te.create_prim_func(spec.build_args())

@@ -490,7 +490,7 @@ def schedule_wgrad(sch: Schedule, family: str, knobs: WgradKnobs | None = None) 
         sch.transform_layout(pad, ("write", 0), lambda n_, c_, y_, x_: (n_, c_ // cb, y_, x_, c_ % cb))
         cm.pack_channel_blocks(sch, pad, cb)
         if "grad" in B:
-            sch.compute_at(B["grad"], rn)
+            sch.compute_at(B["grad"], rn, preserve_unit_loops=True)  # loops (k, p, q) under rn
             _vectorize_plane(sch, B["grad"], lanes)
     return sch
 
