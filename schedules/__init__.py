@@ -27,13 +27,14 @@ def default_schedule(func, family: str):
     raise RuntimeError(f"no schedule template applies to this kernel on {family}")
 
 
-def design_spaces(func, family: str, klass: str | None = None, limit: int | None = None) -> list:
-    """A convolution kernel's knob settings as annotated schedules (default first); [] for
-    other kernels or families without knob templates."""
+def design_spaces(func, family: str, klass: str | None = None, limit: int | None = None,
+                  batch: str | None = None) -> list:
+    """A convolution kernel's knob settings as annotated schedules (default first), stamped
+    with `batch` when given; [] for other kernels or families without knob templates."""
     if family.startswith("x86"):
         from .x86.space import design_spaces as x86_spaces
 
-        return x86_spaces(func, family, klass, limit)
+        return x86_spaces(func, family, klass, limit, batch)
     return []
 
 

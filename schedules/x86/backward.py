@@ -491,16 +491,9 @@ def schedule_wgrad(sch: Schedule, family: str, knobs: WgradKnobs | None = None) 
         cm.pack_channel_blocks(sch, pad, cb)
         if "grad" in B:
             sch.compute_at(B["grad"], rn, preserve_unit_loops=True)  # loops (k, p, q) under rn
-            _vectorize_plane(sch, B["grad"], lanes)
+            sch.fuse(*sch.get_loops(B["grad"])[-2:])  # vectors run over the plane, not one row
+            _vectorize_inner(sch, B["grad"], lanes)
     return sch
-
-
-def _vectorize_plane(sch: Schedule, block, lanes: int) -> None:
-    """Vectorize a block's (y, x) plane loops as one run: a divisor of H*W, not of W."""
-    plane = sch.fuse(*sch.get_loops(block)[-2:])
-    v = cm.largest_divisor(cm.extents(sch, [plane])[0], lanes)
-    if v > 1:
-        sch.vectorize(sch.split(plane, [None, v])[1])
 
 
 class WgradTemplate:

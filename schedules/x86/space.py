@@ -70,15 +70,19 @@ def annotated(sch: Schedule, template: str, knobs, klass: str | None = None, bat
     return sch
 
 
+def knob_settings(func, family: str) -> list:
+    """The valid knob settings of the kernel's template (default first); [] without one."""
+    kt = template_of(func)
+    return kt.candidates(kt.shape(Schedule(func), family)) if kt is not None else []
+
+
 def design_spaces(func, family: str, klass: str | None = None, limit: int | None = None,
                   batch: str | None = None) -> list[Schedule]:
     """One annotated schedule per valid knob setting of the kernel's template (default first);
     [] when no knob template applies. `klass` (the kernel's structure class) and `batch` (the
     tuning run's stamp) are recorded too."""
     kt = template_of(func)
-    if kt is None:
-        return []
-    settings = kt.candidates(kt.shape(Schedule(func), family))
+    settings = knob_settings(func, family)
     out = []
     for knobs in settings[:limit] if limit else settings:
         try:

@@ -258,10 +258,9 @@ def _seeds(db, tasks, classes: list, family: str, measured: dict[str, set],
     import itertools
 
     import tvm_ffi
-    from tvm.s_tir import Schedule
 
     from tvm_rbn.schedules import default_schedule, design_spaces
-    from tvm_rbn.schedules.x86.space import apply_knobs, knob_key, knobs_of, template_of
+    from tvm_rbn.schedules.x86.space import apply_knobs, knob_key, knob_settings, knobs_of
 
     best = {key: rows[0] for key, rows in records.measured_by_workload(db).items()}  # (secs, record)
     out = []
@@ -269,34 +268,32 @@ def _seeds(db, tasks, classes: list, family: str, measured: dict[str, set],
         func = task.mod["main"]
         done = measured.get(klass, set())
         found = best.get(tvm_ffi.structural_hash(task.mod))
-        spaces = design_spaces(func, family, klass, limit=1)
+        spaces = design_spaces(func, family, klass, limit=1, batch=batch)
         if not spaces:
             if found is None:
                 out.append((i, default_schedule(func, family), "default"))
             continue
-        default = {**knobs_of(spaces[0].trace), "batch": batch}
+        default = knobs_of(spaces[0].trace)
         if knob_key(default) not in done:
-            out.append((i, apply_knobs(func, family, default), "default"))
+            out.append((i, spaces[0], "default"))
         annotation = knobs_of(found[1].trace) if found else None
         newer = sorted(set(default["knobs"]) - set(annotation["knobs"])) if annotation else []
         if not newer:
             continue
-        kt = template_of(func)
-        settings = kt.candidates(kt.shape(Schedule(func), family))
+        settings = knob_settings(func, family)
         values = [sorted({getattr(kn, name) for kn in settings} | {default["knobs"][name]}, key=repr)
                   for name in newer]
-        carried_any = False
+        carried = []
         for combo in itertools.product(*values):
-            carried = {**annotation, "knobs": {**annotation["knobs"], **dict(zip(newer, combo))}, "class": klass,
+            setting = {**annotation, "knobs": {**annotation["knobs"], **dict(zip(newer, combo))}, "class": klass,
                        "batch": batch}
-            key = knob_key(carried)
-            if key in done or key == knob_key(default):
-                continue
-            sch = apply_knobs(func, family, carried)
-            if sch is not None:
-                out.append((i, sch, "carried"))
-                carried_any = True
-        if carried_any:
+            key = knob_key(setting)
+            if key not in done and key != knob_key(default):
+                sch = apply_knobs(func, family, setting)
+                if sch is not None:
+                    carried.append((i, sch, "carried"))
+        out.extend(carried)
+        if carried:
             again = apply_knobs(func, family, {**annotation, "batch": batch})
             if again is not None:
                 out.append((i, again, "remeasured"))
