@@ -10,12 +10,15 @@ import pytest
 from tvm_rbn.benchmarks import step, traffic
 from tvm_rbn.models import MODELS
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
 
 def test_step_benchmark_times_every_side_and_saves(tmp_path):
     out = tmp_path / "step"
     step.main(["--model", "resnet18", "--batch", "2", "--size", "32", "--steps", "2", "--warmup", "0",
                "--no-compile", "--no-layer-choice", "--out", str(out)])
     saved = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_SIGNATURE
     (r,) = saved["results"]
     assert set(r["median_s"]) == {"eager", "tvm_rbn"}
     assert all(len(ts) == 2 and all(t > 0 for t in ts) for ts in r["times_s"].values())
@@ -43,6 +46,7 @@ def test_layer_benchmark_times_every_side_of_each_kind(tmp_path):
     layers.main(["--model", "resnet18", "--batch", "2", "--size", "32", "--limit", "1", "--reps", "1",
                  "--out", str(out), "--plot", str(tmp_path / "layers.png")])
     r = json.loads(out.read_text())
+    assert (tmp_path / "layers.png").read_bytes()[:8] == PNG_SIGNATURE
     assert {row["kind"] for row in r["rows"]} == {"forward", "dgrad", "wgrad"}
     for row in r["rows"]:
         med = row["median_ms"]

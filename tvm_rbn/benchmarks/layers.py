@@ -325,15 +325,13 @@ def format_summary(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(r: dict, path: str | Path) -> Path | None:
-    """Bar chart of the ratios per kernel (log scale); None when matplotlib is unavailable."""
-    try:
-        import matplotlib
+def plot(r: dict, path: str | Path) -> Path:
+    """Bar chart of the ratios per kernel (log scale)."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = r["rows"]
     fig, ax = plt.subplots(figsize=(max(8, 0.28 * len(rows)), 5))
     xs = range(len(rows))
@@ -369,7 +367,7 @@ def main(argv=None, prog=None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="threads of both runtimes (default: PyTorch's)")
     ap.add_argument("--out", default=None, help="JSON path (default out/layers_<model>_b<batch>_<size>.json)")
-    ap.add_argument("--plot", default=None, help="PNG path (default: next to the JSON; skipped without matplotlib)")
+    ap.add_argument("--plot", default=None, help="PNG path (default: next to the JSON)")
     a = ap.parse_args(argv)
     kinds = tuple(k.strip() for k in a.kinds.split(",") if k.strip())
     if a.threads:
@@ -382,8 +380,7 @@ def main(argv=None, prog=None) -> None:
     print(format_summary(r))
     out = Path(a.out or f"out/layers_{a.model}_b{a.batch}_{a.size}.json")
     print(f"saved {save_json(out, r)}")
-    png = plot(r, a.plot or out.with_suffix(".png"))
-    print(f"plot {png}" if png else "plot skipped (matplotlib not installed)")
+    print(f"saved {plot(r, a.plot or out.with_suffix('.png'))}")
 
 
 if __name__ == "__main__":
