@@ -115,9 +115,13 @@ def main(model_name="resnet18", batch=8, size=64, steps=6, classes=10) -> int:
             print(f"{step:>4}  {ours:>12.6f}  {ref:>12.6f}  {(t1 - t0) * 1e3:>10.1f}  {(t2 - t1) * 1e3:>10.1f}")
     warm = slice(1, None) if steps > 1 else slice(None)
     med = {k: statistics.median(v[warm]) for k, v in times.items()}
-    print(f"largest parameter/buffer difference after {steps} fp32 steps: tvm_rbn vs PyTorch "
-          f"{_max_difference(model, reference):.2e}; PyTorch fp32 vs the same training in fp64 "
-          f"{_max_difference(reference, exact):.2e} (rounding alone)")
+    # Rounding alone separates fp32 trainings: a ReLU input within rounding of 0 lands on
+    # either side, and its gradient then flows or not (PyTorch's own fp32 step does this on some
+    # batches: 12 of 40 random first batches of this demo, tvm_rbn's 19). The math is checked in fp64.
+    print(f"largest parameter/buffer difference after {steps} fp32 steps from the same training in fp64: "
+          f"tvm_rbn {_max_difference(model, exact):.2e}, PyTorch {_max_difference(reference, exact):.2e} "
+          f"(fp32 rounding, which a ReLU input near 0 can amplify; tvm_rbn vs PyTorch "
+          f"{_max_difference(model, reference):.2e})")
     print(f"median step time (after the first step): tvm_rbn {med['tvm_rbn'] * 1e3:.1f} ms, "
           f"pytorch {med['pytorch'] * 1e3:.1f} ms -> {med['pytorch'] / med['tvm_rbn']:.2f}x")
     return 0 if exact_math else 1
