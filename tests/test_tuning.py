@@ -71,6 +71,26 @@ def test_records_carry_their_knobs_and_a_sibling_builds_from_them(tuned_folder, 
     _check_prologue_conv(KernelLibrary(tmp_path).function(SIBLING.symbol), 16, "kernel built from its class's knobs")
 
 
+def test_search_proposals_of_measured_settings_are_dropped():
+    """The evolutionary search seeds its population from the database's records and may
+    propose one of them again: the tuner measures each setting of a class once."""
+    from types import SimpleNamespace
+
+    from tvm_rbn.schedules import design_spaces
+    from tvm_rbn.schedules.x86.space import knob_key, knobs_of
+    from tvm_rbn.tuning.tune import unmeasured
+
+    spaces = design_spaces(SPEC.prim_func(), host_family(), structure_class(SPEC), limit=3)
+    keys = [knob_key(knobs_of(sch.trace)) for sch in spaces]
+    assert len(set(keys)) == 3
+    measured = {keys[0]}
+    proposed = [SimpleNamespace(sch=sch) for sch in (spaces[0], spaces[1], spaces[2], spaces[1])]
+    fresh = unmeasured(proposed, measured)
+    assert [knob_key(knobs_of(c.sch.trace)) for c in fresh] == keys[1:]
+    assert measured == set(keys)
+    assert unmeasured(proposed, measured) == []
+
+
 def test_tuned_kernel_is_rebuilt_from_its_knobs_with_the_current_template(tuned_folder, monkeypatch):
     """A record names a knob setting; the build applies it with this version's template (a
     template's later improvement reaches tuned kernels) rather than replaying the old trace."""

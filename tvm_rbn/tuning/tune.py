@@ -74,14 +74,40 @@ def grace_seconds(seconds: float) -> float:
     return max(30.0, 0.1 * seconds)
 
 
-def _clocked(strategy, deadline: float):
-    """`strategy`, proposing no more candidates once `deadline` has passed.
+# proposals in a row that may hold only settings measured before, until a task is ended
+DUPLICATE_PROPOSALS = 3
+
+
+def unmeasured(candidates, measured: set) -> list:
+    """The candidates whose knob setting is not in `measured` (knob keys), each setting once;
+    their settings are added to `measured`. A candidate without knobs is kept."""
+    from tvm_rbn.schedules.x86.space import knob_key, knobs_of
+
+    fresh = []
+    for candidate in candidates:
+        annotation = knobs_of(candidate.sch.trace)
+        key = knob_key(annotation) if annotation else None
+        if key is None or key not in measured:
+            fresh.append(candidate)
+            if key is not None:
+                measured.add(key)
+    return fresh
+
+
+def _clocked(strategy, deadline: float, measured=None):
+    """`strategy`, proposing no more candidates once `deadline` has passed, and (with
+    `measured`, the knob keys its structure class has recorded) no setting measured before.
 
     MetaSchedule's task schedulers send a batch of every task before they join the first (79
     batches for resnet50), so a clock checked only when results come back stopped a run long
     after --seconds and dropped every batch measured but not yet joined. Past the deadline a
     task's next request for candidates ends that task instead; what is in flight is joined
-    and recorded (up to ``grace_seconds``, when the measure callback stops the rest)."""
+    and recorded (up to ``grace_seconds``, when the measure callback stops the rest).
+
+    The design spaces leave out settings measured before the search, but the evolutionary
+    search also seeds its population from the database's best records and could propose one
+    of those again (a test run measured its default setting twice); such proposals are
+    dropped. When DUPLICATE_PROPOSALS proposals in a row hold nothing new, the task ends."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.search_strategy import PySearchStrategy
 
@@ -100,9 +126,16 @@ def _clocked(strategy, deadline: float):
             self.inner.post_tuning()
 
         def generate_measure_candidates(self):
-            if time.perf_counter() > deadline:
-                return None
-            return self.inner.generate_measure_candidates()
+            for _ in range(DUPLICATE_PROPOSALS):
+                if time.perf_counter() > deadline:
+                    return None
+                candidates = self.inner.generate_measure_candidates()
+                if candidates is None or measured is None:
+                    return candidates
+                fresh = unmeasured(candidates, measured)
+                if fresh:
+                    return fresh
+            return None
 
         def notify_runner_results(self, measure_candidates, results) -> None:
             self.inner.notify_runner_results(measure_candidates, results)
@@ -190,7 +223,8 @@ def tune_specs(
             klass = structure_class(spec) if knob_space else None
             measured = measured_settings.setdefault(klass, set()) if klass else ()
             tasks.append(ms.TuneContext(mod=mod, target=target, space_generator=_space(family, klass, measured, batch),
-                                        search_strategy=_clocked(_strategy(family), deadline), task_name=spec.symbol,
+                                        search_strategy=_clocked(_strategy(family), deadline, measured if klass else None),
+                                        task_name=spec.symbol,
                                         num_threads=host_cores()))
             weights.append(weight)
         already = sum(r["trials_before"] for r in report_rows)
