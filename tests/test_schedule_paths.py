@@ -217,3 +217,42 @@ def test_wgrad_gradient_operand_placement(r, stride, h, tmp_path):
         dw = torch.zeros(k, c, r, r)
         load_module(path)["k"](grad.dz, grad.x, grad.c1, grad.c2, grad.c3, x_raw, co.scale, co.shift, dw)
         assert_close(dw, ref, f"dw, {knobs}", scale=max(1.0, float(ref.abs().max())))
+
+
+PACKING_STAGES = ("pad", "grad_pad", "grad", "grad_global", "w_global")
+
+
+@pytest.mark.parametrize("op, axis", [("conv2d_fused", None), ("conv2d_dgrad", None),
+                                      ("conv2d_wgrad", "k"), ("conv2d_wgrad", "c")],
+                         ids=["forward", "dgrad", "wgrad-k-lanes", "wgrad-c-lanes"])
+def test_packing_stages_are_vectorized(op, axis):
+    """Every packing transposition (input, gradient, weights into channel blocks) runs as
+    vectors over the block's channels: a scalar loop made them a quarter of some kernels."""
+    pytest.importorskip("tvm")
+    from tvm import te
+    from tvm.s_tir import Schedule
+    from tvm.tirx import ForKind
+
+    from tvm_rbn.build.target import host_family
+    from tvm_rbn.kernels import KernelSpec
+    from tvm_rbn.schedules.x86 import backward as bw
+    from tvm_rbn.schedules.x86 import common as cm
+    from tvm_rbn.schedules.x86 import conv as cv
+
+    common = dict(n=4, c=32, h=8, w=8, k=64, r=3, s=3, stride=(1, 1), padding=(1, 1), dtype="float32")
+    family = host_family()
+    if op == "conv2d_fused":
+        func = te.create_prim_func(KernelSpec.make(op, prologue_relu=True, stats=True, **common).build_args())
+        sch = cv.schedule_conv(Schedule(func), family)
+    elif op == "conv2d_dgrad":
+        func = te.create_prim_func(KernelSpec.make(op, grad_prologue=True, epilogue_relu=True, **common).build_args())
+        sch = bw.schedule_dgrad(Schedule(func), family)
+    else:
+        func = te.create_prim_func(KernelSpec.make(op, grad_prologue=True, prologue_relu=True, **common).build_args())
+        candidates = bw.wgrad_knob_candidates(bw.wgrad_shape(Schedule(func), family))
+        sch = bw.schedule_wgrad(Schedule(func), family, next(kn for kn in candidates if kn.vector_axis == axis))
+    stages = {name: block for name, block in cm.blocks(sch).items() if name in PACKING_STAGES}
+    assert stages, f"{op}: no packing stage among {sorted(cm.blocks(sch))}"
+    for name, block in stages.items():
+        inner = sch.get(sch.get_loops(block)[-1])
+        assert inner.kind == ForKind.VECTORIZED, f"{op} {name}: innermost loop is {inner.kind}, not vectorized"

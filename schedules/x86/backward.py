@@ -257,7 +257,7 @@ def schedule_dgrad(sch: Schedule, family: str, knobs: DgradKnobs | None = None) 
 
     # gradient packing: per task (image) or once per call
     cm.pack_channel_blocks(sch, gpad, kb, task if kn.per_image else None)
-    sch.parallel(sch.get_loops(wpack)[0])
+    cm.pack_weights(sch, wpack, kb, cb, "c")
     if epilogue:
         # in-task partials need the task's planes written without a predicated tail (TVM
         # derives wrong loop extents for a consumer placed after one)

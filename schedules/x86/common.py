@@ -48,7 +48,14 @@ def loops_under(sch: Schedule, block, loop) -> list:
 def pack_channel_blocks(sch: Schedule, stage, block: int, task=None) -> None:
     """Loop order of a packing stage written [n, c // block, y, x, c % block] (its layout
     transformed already): inside `task`, one image into a task-local workspace while it is in
-    cache; without one, once per call, parallel over (n, channel block, row)."""
+    cache; without one, once per call, parallel over (n, channel block, row).
+
+    Vectorized over the block's channels (a strided gather per vector, contiguous stores):
+    the scalar transposition cost 3.7 ms against 0.6 ms for 16x128x56x56 fp32 into blocks of
+    32 (AVX-512, 2 threads), and densenet121's 56x56 1x1 256->128 weight gradient went
+    15.0 -> 11.3 ms. A one-channel block (an NCHW copy) is left to LLVM: vectors along a
+    padded row (58 columns: 2 lanes) cost a 56x56 3x3 data gradient 10%.
+    """
     if task is not None:
         sch.compute_at(stage, task, preserve_unit_loops=True)
         c, y, x = loops_under(sch, stage, task)[-3:]
@@ -59,6 +66,26 @@ def pack_channel_blocks(sch: Schedule, stage, block: int, task=None) -> None:
         co, ci = sch.split(c, [None, block])
         sch.reorder(n, co, y, x, ci)
         sch.parallel(sch.fuse(n, co, y))
+    if block > 1:
+        sch.vectorize(ci)
+
+
+def pack_weights(sch: Schedule, stage, k_block: int, c_block: int, vector_axis: str) -> None:
+    """Loop order of a weight-packing stage (loops k, c, r, s of w) written [a // a_block,
+    b // b_block, r, s, b % b_block, a % a_block], with (a, b) = (k, c) when `vector_axis`
+    is "k" (the forward conv) and (c, k) when it is "c" (the data gradient): parallel over
+    the two outer blocks, vectorized over the innermost (a strided gather per vector,
+    contiguous stores). The scalar loop in w's order cost 0.74 ms against 0.34 ms for
+    512x512x3x3 fp32 (AVX-512, 2 threads), 9% of resnet50's 7x7 3x3 forward kernel.
+    """
+    k, c, r, s = sch.get_loops(stage)
+    ko, ki = sch.split(k, [None, k_block])
+    co, ci = sch.split(c, [None, c_block])
+    outer, inner = ((ko, co), (ci, ki)) if vector_axis == "k" else ((co, ko), (ki, ci))
+    sch.reorder(*outer, r, s, *inner)
+    sch.parallel(sch.fuse(*outer))
+    if (k_block if vector_axis == "k" else c_block) > 1:
+        sch.vectorize(inner[-1])
 
 
 def is_spatial(sch: Schedule, block) -> bool:

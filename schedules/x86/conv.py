@@ -280,7 +280,7 @@ def schedule_conv(sch: Schedule, family: str, knobs: ConvKnobs | None = None) ->
     # input packing: per task (into a task-local workspace) or once per call, in parallel
     if not direct:
         cm.pack_channel_blocks(sch, pad, ib, task if kn.per_image and not kn.batch_inner else None)
-    sch.parallel(sch.get_loops(wpack)[0])
+    cm.pack_weights(sch, wpack, ob, ib, "k")
 
     if "tile_sum" in B:
         at = planes if kn.row_tasks == 1 else None
