@@ -247,6 +247,31 @@ def test_records_from_before_a_remeasurement_no_longer_count(tmp_path):
     assert knob_key(knobs_of(best.trace)) == knob_key(second), knobs_of(best.trace)
 
 
+def test_remeasure_ranks_the_fastest_recorded_settings_by_new_times(tuned_folder, tmp_path):
+    """--remeasure N (after a template change) measures a kernel's N fastest settings again in
+    one batch, outside the trial budget: the kernel's best is then chosen among those times
+    alone, and nothing recorded is deleted."""
+    import tvm_ffi
+
+    from tvm_rbn.schedules.x86.space import knob_key, knobs_of
+
+    folder = _copy(tuned_folder, tmp_path)
+    lines_before = (folder / records.RECORDS).read_text().splitlines()
+    workload = tvm_ffi.structural_hash(workload_mod(SPEC))
+    ranked = records.measured_by_workload(records.load(folder, host_family()))[workload]
+    assert len(ranked) == 3, "the fixture should hold three measured settings"
+    fastest = sorted(knob_key(knobs_of(rec.trace)) for _, rec in ranked[:2])
+    report = tune_specs([(SPEC, 1.0)], folder, trials=len(lines_before), remeasure=2)
+    assert (report.trials, report.seeds) == (0, 2), report
+    lines_after = (folder / records.RECORDS).read_text().splitlines()
+    assert lines_after[:len(lines_before)] == lines_before, "a record was changed or lost"
+    now = records.measured_by_workload(records.load(folder, host_family()))[workload]
+    assert sorted(knob_key(knobs_of(rec.trace)) for _, rec in now) == fastest, \
+        "the ranking still counts a setting that was not measured again"
+    batches = {knobs_of(rec.trace).get("batch") for _, rec in now}
+    assert len(batches) == 1 and None not in batches, f"not one batch's times: {batches}"
+
+
 def test_clock_budget_stops_the_search_cleanly(tmp_path):
     """Past --seconds no task proposes another batch, and the run ends without an error (the
     clock ran out while the defaults were measured: the search measures nothing)."""

@@ -73,7 +73,7 @@ def _tune(args) -> int:
     print(f"tuning {args.model} at input {_shape(args)} for {family}: budget {args.trials} trials"
           + (f" or {args.seconds:.0f} s" if args.seconds else "") + f"; records go to {out}", flush=True)
     report = tune(_model(args), _shape(args), out=out, family=family, trials=args.trials, seconds=args.seconds,
-                  trials_per_batch=args.batch_trials, runner=runner, target=target)
+                  trials_per_batch=args.batch_trials, remeasure=args.remeasure, runner=runner, target=target)
     seeded = f" (and {report.seeds} settings measured first)" if report.seeds else ""
     print(f"{report.trials} trials{seeded} over {report.tasks} kernels in {report.seconds:.0f} s "
           f"({report.seconds_per_trial:.1f} s per measurement); records in {report.folder}")
@@ -147,6 +147,9 @@ def main(argv=None) -> int:
                    help="wall-clock budget: no batch is proposed after it; batches in flight are kept for up "
                         "to max(30 s, 10%%) more")
     p.add_argument("--batch-trials", type=int, default=16, help="candidates measured per batch (default 16)")
+    p.add_argument("--remeasure", type=int, default=0, metavar="N",
+                   help="first measure each kernel's N fastest recorded settings again, and rank by those "
+                        "times (after an update of the schedule templates); not counted in --trials")
     p.add_argument("--logs", default=None, help="tuning-log root (default: the project's tuning_logs/); "
                                                 "records go to LOGS/<target family>/")
     p.add_argument("--target", default="cpu", metavar="cpu|x86-avx2|x86-avx512|cuda:sm_XX",

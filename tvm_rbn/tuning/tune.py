@@ -12,7 +12,9 @@ the folder (atomic rename), so a run that is interrupted loses at most its curre
 running the same command again resumes: trials already recorded for a workload count against
 its budget, and the search starts from the best records. Before it searches, a run measures
 what the database lacks of the current templates (``_seeds``): each kernel's default setting,
-and its best setting carried into knobs newer than its record.
+and its best setting carried into knobs newer than its record; with ``remeasure``, also each
+kernel's fastest recorded settings again, so that records ranked under older templates are
+ranked anew (their earlier times stop counting, ``records.measured_by_workload``).
 
 x86: the search space is the designed templates' knob settings (``schedules/x86/space.py``),
 searched by MetaSchedule's evolutionary search with its XGBoost cost model. Kernels of the
@@ -184,11 +186,15 @@ def tune_specs(
     trials: int = 64,
     seconds: float | None = None,
     trials_per_batch: int = 16,
+    remeasure: int = 0,
     runner=None,
     target=None,
     stream=sys.stderr,
 ) -> TuningReport:
-    """Tune kernels (spec, weight) into the tuning-log folder `out`."""
+    """Tune kernels (spec, weight) into the tuning-log folder `out`. `remeasure` > 0 measures
+    each kernel's that many fastest recorded settings again before the search (after a
+    template change: the new times decide, the old ones no longer count); those measurements
+    do not count against `trials`."""
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
@@ -229,7 +235,7 @@ def tune_specs(
             weights.append(weight)
         already = sum(r["trials_before"] for r in report_rows)
         remaining = max(0, trials - already)
-        if remaining == 0 or not tasks:
+        if (remaining == 0 and not (remeasure and knob_space)) or not tasks:
             stream.write(f"nothing to tune: {already} trials already recorded for these {len(tasks)} kernels\n")
             return TuningReport(out, len(tasks), 0, 0.0, report_rows)
         builder = ms.builder.LocalBuilder(f_build=BUILD_FUNC, initializer=register, timeout_sec=60.0)
@@ -238,10 +244,12 @@ def tune_specs(
         if knob_space:
             _record_measured_settings(db, measured_settings)
             seeds = _seeds(db, tasks, [structure_class(weighted_specs[t.task_name]) for t in tasks], family,
-                           measured_settings, batch)
+                           measured_settings, batch, remeasure)
             if seeds:
-                stream.write(f"measuring {len(seeds)} settings first (new defaults, best settings carried "
-                             f"into new knobs, and those best settings again)\n")
+                counts = {what: sum(1 for *_, w in seeds if w == what) for what in ("default", "carried", "remeasured")}
+                stream.write(f"measuring {len(seeds)} settings first: {counts['default']} new defaults, "
+                             f"{counts['carried']} best settings carried into new knobs, "
+                             f"{counts['remeasured']} recorded settings again\n")
                 measured_ok = _measure_seeds(db, [(tasks[i].mod, sch) for i, sch, _ in seeds], target, builder,
                                              runner)
                 for (i, _, what), ok in zip(seeds, measured_ok):
@@ -252,6 +260,9 @@ def tune_specs(
         if measured_settings:
             _record_measured_settings(db, measured_settings)
         lines_before_search = sum(1 for _ in open(scratch / records.RECORDS))
+        if remaining == 0:
+            stream.write(f"no search: {already - seeded} trials already recorded for these {len(tasks)} kernels\n")
+            return TuningReport(out, len(tasks), 0, time.perf_counter() - start, report_rows, seeded)
         callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
         publisher, clock = _make_callback(scratch, out, remaining, hard_deadline, start, stream)
         callbacks.append(publisher)
@@ -273,7 +284,7 @@ def tune_specs(
 
 
 def _seeds(db, tasks, classes: list, family: str, measured: dict[str, set],
-           batch: str) -> list[tuple[int, object, str]]:
+           batch: str, remeasure: int = 0) -> list[tuple[int, object, str]]:
     """Settings to measure before the search, as (task index, schedule, "default" | "carried"
     | "remeasured"):
 
@@ -285,23 +296,23 @@ def _seeds(db, tasks, classes: list, family: str, measured: dict[str, set],
       one k tile per task; its tuned tiles may be faster with more);
     - the best setting itself again, when any carried setting is measured: this batch's
       times compare with each other, not with a record of another day, and a setting's
-      latest time is the one that counts (``records.measured_by_workload``).
+      latest time is the one that counts (``records.measured_by_workload``);
+    - the `remeasure` fastest recorded settings again (each once, the best among them).
 
     Every seed is stamped with the run's `batch`. A kernel without a knob template: its
     default schedule, when it has no records."""
-    import itertools
-
     import tvm_ffi
 
     from tvm_rbn.schedules import default_schedule, design_spaces
-    from tvm_rbn.schedules.x86.space import apply_knobs, knob_key, knob_settings, knobs_of
+    from tvm_rbn.schedules.x86.space import apply_knobs, knob_key, knobs_of
 
-    best = {key: rows[0] for key, rows in records.measured_by_workload(db).items()}  # (secs, record)
+    by_workload = records.measured_by_workload(db)  # hash -> [(secs, record)], fastest first
     out = []
     for i, (task, klass) in enumerate(zip(tasks, classes)):
         func = task.mod["main"]
         done = measured.get(klass, set())
-        found = best.get(tvm_ffi.structural_hash(task.mod))
+        rows = by_workload.get(tvm_ffi.structural_hash(task.mod), [])
+        found = rows[0] if rows else None
         spaces = design_spaces(func, family, klass, limit=1, batch=batch)
         if not spaces:
             if found is None:
@@ -312,26 +323,46 @@ def _seeds(db, tasks, classes: list, family: str, measured: dict[str, set],
             out.append((i, spaces[0], "default"))
         annotation = knobs_of(found[1].trace) if found else None
         newer = sorted(set(default["knobs"]) - set(annotation["knobs"])) if annotation else []
-        if not newer:
-            continue
-        settings = knob_settings(func, family)
-        values = [sorted({getattr(kn, name) for kn in settings} | {default["knobs"][name]}, key=repr)
-                  for name in newer]
-        carried = []
-        for combo in itertools.product(*values):
-            setting = {**annotation, "knobs": {**annotation["knobs"], **dict(zip(newer, combo))}, "class": klass,
-                       "batch": batch}
-            key = knob_key(setting)
-            if key not in done and key != knob_key(default):
-                sch = apply_knobs(func, family, setting)
-                if sch is not None:
-                    carried.append((i, sch, "carried"))
-        out.extend(carried)
-        if carried:
-            again = apply_knobs(func, family, {**annotation, "batch": batch})
-            if again is not None:
-                out.append((i, again, "remeasured"))
+        again = [row[1] for row in rows[:remeasure]]
+        if newer:
+            carried = _carried(func, family, klass, annotation, newer, default, done, batch)
+            out.extend((i, sch, "carried") for sch in carried)
+            if carried:
+                again.insert(0, found[1])
+        seen = set()
+        for rec in again:
+            recorded = knobs_of(rec.trace)
+            if recorded is None or knob_key(recorded) in seen:
+                continue
+            seen.add(knob_key(recorded))
+            sch = apply_knobs(func, family, {**recorded, "class": klass, "batch": batch})
+            if sch is not None:
+                out.append((i, sch, "remeasured"))
     return out
+
+
+def _carried(func, family: str, klass: str, annotation: dict, newer: list[str], default: dict, done: set,
+             batch: str) -> list:
+    """The recorded setting `annotation` with each combination of values its `newer` knobs
+    take among the template's candidates, leaving out settings measured before and the
+    default."""
+    import itertools
+
+    from tvm_rbn.schedules.x86.space import apply_knobs, knob_key, knob_settings
+
+    settings = knob_settings(func, family)
+    values = [sorted({getattr(kn, name) for kn in settings} | {default["knobs"][name]}, key=repr)
+              for name in newer]
+    carried = []
+    for combo in itertools.product(*values):
+        setting = {**annotation, "knobs": {**annotation["knobs"], **dict(zip(newer, combo))}, "class": klass,
+                   "batch": batch}
+        key = knob_key(setting)
+        if key not in done and key != knob_key(default):
+            sch = apply_knobs(func, family, setting)
+            if sch is not None:
+                carried.append(sch)
+    return carried
 
 
 def _measure_seeds(db, seeds: list, target, builder, runner) -> list[bool]:
