@@ -256,3 +256,45 @@ def test_packing_stages_are_vectorized(op, axis):
     for name, block in stages.items():
         inner = sch.get(sch.get_loops(block)[-1])
         assert inner.kind == ForKind.VECTORIZED, f"{op} {name}: innermost loop is {inner.kind}, not vectorized"
+
+
+# resnet-like layers at batch 16: (C, K, H=W, R, stride)
+TILE_LAYERS = [(64, 64, 56, 3, 1), (64, 256, 56, 1, 1), (256, 64, 56, 1, 1), (128, 128, 28, 3, 1),
+               (256, 256, 14, 3, 1), (512, 512, 7, 3, 1), (128, 128, 56, 3, 2), (3, 64, 224, 7, 2)]
+
+
+@pytest.mark.parametrize("family, registers", [("x86-avx512", 32), ("x86-avx2", 16)], ids=["avx512", "avx2"])
+@pytest.mark.parametrize("layer", TILE_LAYERS, ids=[f"{c}-{k}-{h}x{h}-{r}x{r}-s{s}" for c, k, h, r, s in TILE_LAYERS])
+def test_register_tiles_fit_the_family(layer, family, registers):
+    """Default register tiles and every tuning candidate's fit the vector register file with
+    room for the weight vectors and the broadcast operand: with AVX2's 16 registers, tiles
+    sized for AVX-512's 32 spilled (28x28 3x3 128->128: 56 against 22 ms)."""
+    pytest.importorskip("tvm")
+    from tvm.s_tir import Schedule
+
+    from tvm_rbn.kernels import KernelSpec
+    from tvm_rbn.schedules.x86 import backward as bw
+    from tvm_rbn.schedules.x86 import common as cm
+    from tvm_rbn.schedules.x86 import conv as cv
+
+    c, k, h, r, stride = layer
+    geometry = dict(n=16, c=c, h=h, w=h, k=k, r=r, s=r, stride=(stride, stride), padding=(r // 2, r // 2),
+                    dtype="float32")
+    budget = cv.accumulator_registers(family)
+    assert budget == registers - cv.RESERVED_REGISTERS
+
+    def vectors(channels, lanes):
+        return max(1, channels // cm.largest_divisor(channels, lanes))
+
+    conv = cv.conv_shape(Schedule(KernelSpec.make("conv2d_fused", prologue_relu=True, stats=True,
+                                                  **geometry).prim_func()), family)
+    for kn in cv.knob_candidates(conv):
+        assert vectors(kn.oc_block, conv.lanes) * kn.ow_block <= budget, f"forward {kn}"
+    dgrad = bw.dgrad_shape(Schedule(KernelSpec.make("conv2d_dgrad", grad_prologue=True, epilogue_relu=True,
+                                                    **geometry).prim_func()), family)
+    for kn in bw.dgrad_knob_candidates(dgrad):
+        assert vectors(kn.ic_block, dgrad.lanes) * kn.ow_block <= budget, f"data gradient {kn}"
+    wgrad = bw.wgrad_shape(Schedule(KernelSpec.make("conv2d_wgrad", grad_prologue=True, prologue_relu=True,
+                                                    **geometry).prim_func()), family)
+    for kn in bw.wgrad_knob_candidates(wgrad):
+        assert bw.wgrad_tile_registers(kn, wgrad) <= budget, f"weight gradient {kn}"

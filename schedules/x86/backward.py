@@ -104,6 +104,7 @@ class DgradShape:
     taps: int  # R*S of the forward conv
     row_stride: int
     col_stride: int
+    accumulators: int = 28  # vector registers the register tile may use (conv.accumulator_registers)
 
 
 def _phase_blocks(sch: Schedule) -> list:
@@ -124,6 +125,8 @@ def _phase_stride(sch: Schedule, dim: int) -> int:
 
 
 def dgrad_shape(sch: Schedule, family: str) -> DgradShape:
+    from .conv import accumulator_registers
+
     phases = _phase_blocks(sch)
     da = cm.blocks(sch)["da"]
     n, c, h, _ = (int(d) for d in sch.get(da).writes[0].source.shape)
@@ -132,14 +135,14 @@ def dgrad_shape(sch: Schedule, family: str) -> DgradShape:
         _, _, _, u, k, ri, rj = cm.extents(sch, sch.get_loops(block))
         taps += ri * rj
     return DgradShape(n, c, h, u, k, vector_lanes(family, cm.dtype_of(sch, phases[0])), taps,
-                      _phase_stride(sch, 2), _phase_stride(sch, 3))
+                      _phase_stride(sch, 2), _phase_stride(sch, 3), accumulator_registers(family))
 
 
 def default_dgrad_knobs(shape: DgradShape, cores: int | None = None) -> DgradKnobs:
     """The forward template's rules with C in the role of K (see ``conv.default_knobs``)."""
     from .conv import MIN_IMAGES_PER_CORE, MIN_TASKS, tile_channels
 
-    cb, ub = tile_channels(shape.c, shape.u, shape.lanes)
+    cb, ub = tile_channels(shape.c, shape.u, shape.lanes, shape.accumulators)
     if shape.taps == 1 and shape.h * shape.u <= SMALL_PLANE:
         kb = 1  # the gradient stays NCHW: its packing is an elementwise pass, not a transposition
     else:
@@ -155,13 +158,11 @@ def default_dgrad_knobs(shape: DgradShape, cores: int | None = None) -> DgradKno
 
 def dgrad_knob_candidates(shape: DgradShape) -> list[DgradKnobs]:
     """Valid knob settings around the default, for a tuner to measure (default first)."""
-    from .conv import ACCUMULATOR_REGISTERS
-
     base = default_dgrad_knobs(shape)
     out = [base]
     for cb in sorted({d for d in (shape.lanes, 2 * shape.lanes) if shape.c % d == 0} | {base.ic_block}):
         vec = max(1, cb // cm.largest_divisor(cb, shape.lanes))
-        ubs = sorted(d for d in range(1, shape.u + 1) if shape.u % d == 0 and d * vec <= ACCUMULATOR_REGISTERS)[-3:]
+        ubs = sorted(d for d in range(1, shape.u + 1) if shape.u % d == 0 and d * vec <= shape.accumulators)[-3:]
         kbs = sorted({d for d in (1, 8, 16, 32, 64) if shape.k % d == 0} | {base.k_block})
         for ub, kb, per_image in itertools.product(ubs, kbs, (True, False)):
             kn = replace(base, ic_block=cb, ow_block=ub, k_block=kb, per_image=per_image)
@@ -339,6 +340,7 @@ class WgradShape:
     h_pad: int
     w_pad: int
     lanes: int
+    accumulators: int = 28  # vector registers the register tile may use (conv.accumulator_registers)
 
     @property
     def stride(self) -> tuple[int, int]:
@@ -349,20 +351,23 @@ class WgradShape:
 
 
 def wgrad_shape(sch: Schedule, family: str) -> WgradShape:
+    from .conv import accumulator_registers
+
     B = cm.blocks(sch)
     wgrad = B["wgrad"]
     k, c, r, s, n, p, q = cm.extents(sch, sch.get_loops(wgrad))
     hp, wp = (int(d) for d in sch.get(B["pad"]).writes[0].source.shape[2:])
-    return WgradShape(k, c, r, s, n, p, q, hp, wp, vector_lanes(family, cm.dtype_of(sch, wgrad)))
+    return WgradShape(k, c, r, s, n, p, q, hp, wp, vector_lanes(family, cm.dtype_of(sch, wgrad)),
+                      accumulator_registers(family))
 
 
 def default_wgrad_knobs(shape: WgradShape, cores: int | None = None) -> WgradKnobs:
     """Vector lanes over output channels when the input channels do not fill vectors (the
     3-channel stem), for strided layers and for 1x1 layers that reduce channels; over input
-    channels otherwise. Tiles of ~24 accumulators; tasks over (k block, c block) of dw, enough for the
+    channels otherwise. Tiles within the accumulator registers (~24 of 28 with AVX-512, ~8 of 12
+    with AVX2); tasks over (k block, c block) of dw, enough for the
     cores, with as few c blocks as possible (each re-reads the gradient)."""
-    from .conv import ACCUMULATOR_REGISTERS as acc
-
+    acc = shape.accumulators
     lanes = shape.lanes
     cores = cores or host_cores()
     if shape.c % lanes and not shape.k % lanes:
@@ -376,13 +381,18 @@ def default_wgrad_knobs(shape: WgradShape, cores: int | None = None) -> WgradKno
         strided = shape.stride != (1, 1)
         axis = "k" if strided or ((shape.r, shape.s) == (1, 1) and shape.c > shape.k) else "c"
     if axis == "k":
-        kb = next((b for b in (2 * lanes, lanes) if shape.k % b == 0), cm.largest_divisor(shape.k, 2 * lanes))
+        # two vectors of lanes unless one channel's S taps would not fit them (AVX2's 7x7 stem)
+        kb = next((b for b in (2 * lanes, lanes) if shape.k % b == 0 and b // lanes * shape.s <= acc),
+                  cm.largest_divisor(shape.k, 2 * lanes))
         vec = max(1, kb // cm.largest_divisor(kb, lanes))
         cb = cm.largest_divisor(shape.c, max(1, (acc - 4) // (vec * shape.s)))
         k_tasks = shape.k // kb
     else:
         cb = next((b for b in (2 * lanes, lanes) if shape.c % b == 0), cm.largest_divisor(shape.c, 2 * lanes))
-        kb = cm.largest_divisor(shape.k, 8)
+        vec = max(1, cb // cm.largest_divisor(cb, lanes))
+        # up to 8 rows, within the accumulators (AVX2, 56x56 1x1 64->256: 2 vectors x 8 rows
+        # spill, 85 ms; x 4 rows, 17 ms)
+        kb = cm.largest_divisor(shape.k, min(8, acc // vec))
         k_tasks = shape.k // kb
     c_task = shape.c
     while k_tasks * (shape.c // c_task) < 4 * cores and c_task % (2 * cb) == 0:
@@ -390,8 +400,17 @@ def default_wgrad_knobs(shape: WgradShape, cores: int | None = None) -> WgradKno
     return WgradKnobs(axis, kb, cb, c_task)
 
 
+def wgrad_tile_registers(kn: WgradKnobs, shape: WgradShape) -> int:
+    """Accumulator vectors of a knob setting's register tile."""
+    if kn.vector_axis == "k":
+        return max(1, kn.k_block // cm.largest_divisor(kn.k_block, shape.lanes)) * kn.c_block * shape.s
+    return max(1, kn.c_block // cm.largest_divisor(kn.c_block, shape.lanes)) * kn.k_block
+
+
 def wgrad_knob_candidates(shape: WgradShape) -> list[WgradKnobs]:
-    """Valid knob settings around the default, for a tuner to measure (default first)."""
+    """Valid knob settings around the default, for a tuner to measure (default first); tiles
+    within the accumulator registers (on AVX2 a larger one spills: 56x56 3x3 64->64, "k"
+    lanes, 2 vectors x 4 channels x 3 taps 72 ms, x 1 channel 48 ms)."""
     base = default_wgrad_knobs(shape)
     out = [base]
     lanes = shape.lanes
@@ -402,6 +421,8 @@ def wgrad_knob_candidates(shape: WgradShape) -> list[WgradKnobs]:
             for ob in sorted({d for d in (1, 2, 3, 4, 6, 8) if other % d == 0}):
                 kb, cb = (vb, ob) if axis == "k" else (ob, vb)
                 kn = WgradKnobs(axis, kb, cb, shape.c, base.image_major)
+                if wgrad_tile_registers(kn, shape) > shape.accumulators:
+                    continue
                 while (shape.k // kb) * (shape.c // kn.c_task) < 8 and kn.c_task % (2 * cb) == 0:
                     kn = replace(kn, c_task=kn.c_task // 2)
                 if kn not in out:

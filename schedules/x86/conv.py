@@ -33,8 +33,8 @@ Knobs (``ConvKnobs``), chosen by ``default_knobs`` from the shape, all tunable
 (``knob_candidates`` lists valid alternatives, default first):
 
 - ``oc_block``: output channels per tile, a divisor of K; 2 vectors (32 fp32) when K allows.
-- ``ow_block``: output columns per tile, a divisor of Q; ``oc_block/lanes * ow_block`` <= 28
-  accumulator registers.
+- ``ow_block``: output columns per tile, a divisor of Q; ``oc_block/lanes * ow_block`` at most
+  the family's accumulator registers (``accumulator_registers``: 28 with AVX-512, 12 with AVX2).
 - ``ic_block``: input channels per packed block, a divisor of C (default up to 8: the pack is
   a transposition, cheap for a few channels; the micro-kernel broadcasts either way).
 - ``per_image``: tasks are images (input packed in-task) or (image, oc block) pairs.
@@ -53,13 +53,20 @@ from dataclasses import asdict, dataclass, replace
 
 from tvm.s_tir import Schedule
 
-from tvm_rbn.build.target import host_cores, vector_lanes
+from tvm_rbn.build.target import host_cores, vector_lanes, vector_registers
 
 from . import common as cm
 
-# vector registers the output tile may use (of 32 zmm/ymm with AVX-512; the rest hold the
-# weight vectors and the broadcast input)
-ACCUMULATOR_REGISTERS = 28
+# vector registers the output tile may not use: they hold the weight vectors and the
+# broadcast input. A tile larger than the rest spills accumulators to the stack on every FMA:
+# measured on Zen 3 with AVX2 (16 ymm), 28x28 3x3 128->128 at batch 16, 16 lanes x 7 columns
+# (14 accumulators) 56 ms, 16 x 4 (8) 22 ms, oneDNN 21-28 ms; 56x56 1x1 64->256 22 -> 13 ms.
+RESERVED_REGISTERS = 4
+
+
+def accumulator_registers(family: str) -> int:
+    """Vector registers an output tile may use: 28 of AVX-512's 32, 12 of AVX2's 16."""
+    return vector_registers(family) - RESERVED_REGISTERS
 # fewer (n, oc block) tasks than this and output-row blocks join the parallel loop
 MIN_TASKS = 16
 # per-image tasks when there are at least this many images per core
@@ -90,6 +97,7 @@ class ConvShape:
     lanes: int
     stride_area: int = 1
     bare_input: bool = False  # no prologue, no padding: the input can be read in place
+    accumulators: int = 28  # vector registers the output tile may use (accumulator_registers)
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,7 @@ def conv_shape(sch: Schedule, family: str, block_name: str = "conv") -> ConvShap
     sh = (pad_rows - r) // (p - 1) if p > 1 else 1
     sw = (pad_cols - s) // (q - 1) if q > 1 else 1
     return ConvShape(n, k, p, q, c, r, s, vector_lanes(family, cm.dtype_of(sch, conv)), max(1, sh) * max(1, sw),
-                     can_read_directly(sch))
+                     can_read_directly(sch), accumulator_registers(family))
 
 
 def _oc_block(k: int, lanes: int) -> int:
@@ -128,23 +136,23 @@ def _oc_block(k: int, lanes: int) -> int:
     return cm.largest_divisor(k, 2 * lanes)
 
 
-def _ow_block(q: int, vectors: int) -> int:
-    return cm.largest_divisor(q, max(1, ACCUMULATOR_REGISTERS // vectors))
+def _ow_block(q: int, vectors: int, accumulators: int) -> int:
+    return cm.largest_divisor(q, max(1, accumulators // vectors))
 
 
 def _vectors(ob: int, lanes: int) -> int:
     return max(1, ob // cm.largest_divisor(ob, lanes))
 
 
-def tile_channels(channels: int, columns: int, lanes: int) -> tuple[int, int]:
+def tile_channels(channels: int, columns: int, lanes: int, accumulators: int) -> tuple[int, int]:
     """(channels, columns) of a register tile whose channels are the vector lanes: the widest
     tile of whole vectors (2, else 1) and as many columns (a divisor of `columns`) as the
-    accumulator registers allow; one vector and more columns when `columns` has no divisor
+    `accumulators` registers allow; one vector and more columns when `columns` has no divisor
     near the budget for two."""
     ob = _oc_block(channels, lanes)
-    ow = _ow_block(columns, _vectors(ob, lanes))
-    if ow * 2 < ACCUMULATOR_REGISTERS // _vectors(ob, lanes) and ob > lanes and channels % lanes == 0:
-        ow1 = _ow_block(columns, 1)
+    ow = _ow_block(columns, _vectors(ob, lanes), accumulators)
+    if ow * 2 < accumulators // _vectors(ob, lanes) and ob > lanes and channels % lanes == 0:
+        ow1 = _ow_block(columns, 1, accumulators)
         if ow1 > ow:
             ob, ow = lanes, ow1
     return ob, ow
@@ -155,7 +163,7 @@ def default_knobs(shape: ConvShape, cores: int | None = None) -> ConvKnobs:
     columns as the accumulator registers allow (a divisor of Q), input channels in blocks of
     up to IC_BLOCK; per-image tasks (input packed in-task, in cache) when there are enough
     images for the cores, else (n, oc block) tasks, split by output rows if still too few."""
-    ob, ow = tile_channels(shape.k, shape.q, shape.lanes)
+    ob, ow = tile_channels(shape.k, shape.q, shape.lanes, shape.accumulators)
     ic = cm.largest_divisor(shape.c, ic_block_cap(shape.k * shape.r * shape.s // shape.stride_area))
     cores = cores or host_cores()
     direct = shape.bare_input
@@ -175,7 +183,7 @@ def knob_candidates(shape: ConvShape) -> list[ConvKnobs]:
     out = [base]
     for ob in obs:
         vec = _vectors(ob, shape.lanes)
-        ows = sorted({d for d in range(1, shape.q + 1) if shape.q % d == 0 and d * vec <= ACCUMULATOR_REGISTERS})[-3:]
+        ows = sorted({d for d in range(1, shape.q + 1) if shape.q % d == 0 and d * vec <= shape.accumulators})[-3:]
         ics = sorted({d for d in (1, 2, 4, 8, 16, shape.c) if shape.c % d == 0} | {base.ic_block})
         directs = (True, False) if shape.bare_input else (False,)
         for ow, ic, per_image, unroll, direct in itertools.product(ows, ics, (True, False), (False, True), directs):

@@ -55,6 +55,11 @@ def vector_lanes(family: str, dtype: str) -> int:
     return bits // (64 if dtype == "float64" else 32)
 
 
+def vector_registers(family: str) -> int:
+    """Architectural vector registers: 32 zmm with AVX-512, 16 ymm/xmm otherwise."""
+    return 32 if family == "x86-avx512" else 16
+
+
 def host_tvm_target():
     """The TVM target for this CPU (imports tvm)."""
     import tvm
