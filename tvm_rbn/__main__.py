@@ -67,9 +67,12 @@ def _tune(args) -> int:
     if args.rpc_tracker:
         from tvm.s_tir import meta_schedule as ms
 
+        from tvm_rbn.tuning.tune import evaluator_config
+
         host, port = args.rpc_tracker.rsplit(":", 1)
         runner = ms.runner.RPCRunner(ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port),
-                                                         tracker_key=args.rpc_key, session_timeout_sec=120))
+                                                         tracker_key=args.rpc_key, session_timeout_sec=120),
+                                     evaluator_config=evaluator_config())
     print(f"tuning {args.model} at input {_shape(args)} for {family}: budget {args.trials} trials"
           + (f" or {args.seconds:.0f} s" if args.seconds else "") + f"; records go to {out}", flush=True)
     report = tune(_model(args), _shape(args), out=out, family=family, trials=args.trials, seconds=args.seconds,

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -157,11 +158,12 @@ def publish(scratch: Path, path: Path) -> None:
 FAILED_RUN_SECS = 1e9
 
 
-def mean_secs(rec) -> float | None:
-    """A record's mean run time, or None when it did not build and run."""
+def record_secs(rec) -> float | None:
+    """A record's run time, the median of its timed repeats (a noisy repeat does not count),
+    or None when it did not build and run."""
     if not rec.run_secs:
         return None
-    secs = sum(float(t) for t in rec.run_secs) / len(rec.run_secs)
+    secs = statistics.median(float(t) for t in rec.run_secs)
     return secs if secs < FAILED_RUN_SECS else None
 
 
@@ -181,7 +183,7 @@ def measured_by_workload(database) -> dict[int, list]:
 
     by_workload: dict[int, list] = {}
     for rec in database.get_all_tuning_records():
-        secs = mean_secs(rec)
+        secs = record_secs(rec)
         if secs is None:
             continue
         annotation = knobs_of(rec.trace)

@@ -79,6 +79,19 @@ def grace_seconds(seconds: float) -> float:
 # proposals in a row that may hold only settings measured before, until a task is ended
 DUPLICATE_PROPOSALS = 3
 
+# timed repeats of each candidate, each at least MIN_REPEAT_MS of calls; a record's time is
+# their median (``records.record_secs``), so one disturbed repeat does not rank it. On the
+# shared 2-core machines one kernel measured 43, 43 and 26 ms in three single-repeat runs in a
+# row, 23-28 ms alone.
+REPEATS, MIN_REPEAT_MS = 3, 100
+
+
+def evaluator_config():
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.runner.EvaluatorConfig(number=1, repeat=REPEATS, min_repeat_ms=MIN_REPEAT_MS,
+                                     enable_cpu_cache_flush=False)
+
 
 def unmeasured(candidates, measured: set) -> list:
     """The candidates whose knob setting is not in `measured` (knob keys), each setting once;
@@ -239,7 +252,7 @@ def tune_specs(
             stream.write(f"nothing to tune: {already} trials already recorded for these {len(tasks)} kernels\n")
             return TuningReport(out, len(tasks), 0, 0.0, report_rows)
         builder = ms.builder.LocalBuilder(f_build=BUILD_FUNC, initializer=register, timeout_sec=60.0)
-        runner = runner or ms.runner.LocalRunner(timeout_sec=60.0)
+        runner = runner or ms.runner.LocalRunner(timeout_sec=60.0, evaluator_config=evaluator_config())
         seeded = 0
         if knob_space:
             _record_measured_settings(db, measured_settings)
