@@ -310,7 +310,9 @@ def _seeds(db, tasks, classes: list, family: str, measured: dict[str, set],
     - the best setting itself again, when any carried setting is measured: this batch's
       times compare with each other, not with a record of another day, and a setting's
       latest time is the one that counts (``records.measured_by_workload``);
-    - the `remeasure` fastest recorded settings again (each once, the best among them).
+    - the `remeasure` fastest recorded settings again (each once, the best among them), and
+      the default setting with them: a single time on a noisy machine can be 2x off, and a
+      default that drew one would otherwise never compete again.
 
     Every seed is stamped with the run's `batch`. A kernel without a knob template: its
     default schedule, when it has no records."""
@@ -332,11 +334,13 @@ def _seeds(db, tasks, classes: list, family: str, measured: dict[str, set],
                 out.append((i, default_schedule(func, family), "default"))
             continue
         default = knobs_of(spaces[0].trace)
+        again = [row[1] for row in rows[:remeasure]]
         if knob_key(default) not in done:
             out.append((i, spaces[0], "default"))
+        elif remeasure and knob_key(default) not in {knob_key(knobs_of(rec.trace) or {"knobs": {}}) for rec in again}:
+            out.append((i, spaces[0], "remeasured"))  # the default competes in the same batch
         annotation = knobs_of(found[1].trace) if found else None
         newer = sorted(set(default["knobs"]) - set(annotation["knobs"])) if annotation else []
-        again = [row[1] for row in rows[:remeasure]]
         if newer:
             carried = _carried(func, family, klass, annotation, newer, default, done, batch)
             out.extend((i, sch, "carried") for sch in carried)
