@@ -161,7 +161,7 @@ def dgrad_knob_candidates(shape: DgradShape) -> list[DgradKnobs]:
     base = default_dgrad_knobs(shape)
     out = [base]
     for cb in sorted({d for d in (shape.lanes, 2 * shape.lanes) if shape.c % d == 0} | {base.ic_block}):
-        vec = max(1, cb // cm.largest_divisor(cb, shape.lanes))
+        vec = cm.vector_count(cb, shape.lanes)
         ubs = sorted(d for d in range(1, shape.u + 1) if shape.u % d == 0 and d * vec <= shape.accumulators)[-3:]
         kbs = sorted({d for d in (1, 8, 16, 32, 64) if shape.k % d == 0} | {base.k_block})
         for ub, kb, per_image in itertools.product(ubs, kbs, (True, False)):
@@ -384,12 +384,12 @@ def default_wgrad_knobs(shape: WgradShape, cores: int | None = None) -> WgradKno
         # two vectors of lanes unless one channel's S taps would not fit them (AVX2's 7x7 stem)
         kb = next((b for b in (2 * lanes, lanes) if shape.k % b == 0 and b // lanes * shape.s <= acc),
                   cm.largest_divisor(shape.k, 2 * lanes))
-        vec = max(1, kb // cm.largest_divisor(kb, lanes))
+        vec = cm.vector_count(kb, lanes)
         cb = cm.largest_divisor(shape.c, max(1, (acc - 4) // (vec * shape.s)))
         k_tasks = shape.k // kb
     else:
         cb = next((b for b in (2 * lanes, lanes) if shape.c % b == 0), cm.largest_divisor(shape.c, 2 * lanes))
-        vec = max(1, cb // cm.largest_divisor(cb, lanes))
+        vec = cm.vector_count(cb, lanes)
         # up to 8 rows, within the accumulators (AVX2, 56x56 1x1 64->256: 2 vectors x 8 rows
         # spill, 85 ms; x 4 rows, 17 ms)
         kb = cm.largest_divisor(shape.k, min(8, acc // vec))
@@ -403,8 +403,8 @@ def default_wgrad_knobs(shape: WgradShape, cores: int | None = None) -> WgradKno
 def wgrad_tile_registers(kn: WgradKnobs, shape: WgradShape) -> int:
     """Accumulator vectors of a knob setting's register tile."""
     if kn.vector_axis == "k":
-        return max(1, kn.k_block // cm.largest_divisor(kn.k_block, shape.lanes)) * kn.c_block * shape.s
-    return max(1, kn.c_block // cm.largest_divisor(kn.c_block, shape.lanes)) * kn.k_block
+        return cm.vector_count(kn.k_block, shape.lanes) * kn.c_block * shape.s
+    return cm.vector_count(kn.c_block, shape.lanes) * kn.k_block
 
 
 def wgrad_knob_candidates(shape: WgradShape) -> list[WgradKnobs]:

@@ -13,6 +13,11 @@ def largest_divisor(n: int, cap: int) -> int:
     return 1
 
 
+def vector_count(channels: int, lanes: int) -> int:
+    """Vector registers that `channels` consecutive values take, vectorized at most `lanes` wide."""
+    return max(1, channels // largest_divisor(channels, lanes))
+
+
 def blocks(sch: Schedule) -> dict[str, object]:
     """The root's child blocks by name."""
     root = sch.get_sblock("root")

@@ -140,18 +140,14 @@ def _ow_block(q: int, vectors: int, accumulators: int) -> int:
     return cm.largest_divisor(q, max(1, accumulators // vectors))
 
 
-def _vectors(ob: int, lanes: int) -> int:
-    return max(1, ob // cm.largest_divisor(ob, lanes))
-
-
 def tile_channels(channels: int, columns: int, lanes: int, accumulators: int) -> tuple[int, int]:
     """(channels, columns) of a register tile whose channels are the vector lanes: the widest
     tile of whole vectors (2, else 1) and as many columns (a divisor of `columns`) as the
     `accumulators` registers allow; one vector and more columns when `columns` has no divisor
     near the budget for two."""
     ob = _oc_block(channels, lanes)
-    ow = _ow_block(columns, _vectors(ob, lanes), accumulators)
-    if ow * 2 < accumulators // _vectors(ob, lanes) and ob > lanes and channels % lanes == 0:
+    ow = _ow_block(columns, cm.vector_count(ob, lanes), accumulators)
+    if ow * 2 < accumulators // cm.vector_count(ob, lanes) and ob > lanes and channels % lanes == 0:
         ow1 = _ow_block(columns, 1, accumulators)
         if ow1 > ow:
             ob, ow = lanes, ow1
@@ -182,7 +178,7 @@ def knob_candidates(shape: ConvShape) -> list[ConvKnobs]:
     obs = sorted({d for d in (shape.lanes, 2 * shape.lanes, 4 * shape.lanes) if shape.k % d == 0} | {base.oc_block})
     out = [base]
     for ob in obs:
-        vec = _vectors(ob, shape.lanes)
+        vec = cm.vector_count(ob, shape.lanes)
         ows = sorted({d for d in range(1, shape.q + 1) if shape.q % d == 0 and d * vec <= shape.accumulators})[-3:]
         ics = sorted({d for d in (1, 2, 4, 8, 16, shape.c) if shape.c % d == 0} | {base.ic_block})
         directs = (True, False) if shape.bare_input else (False,)
