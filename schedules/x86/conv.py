@@ -67,6 +67,8 @@ RESERVED_REGISTERS = 4
 def accumulator_registers(family: str) -> int:
     """Vector registers an output tile may use: 28 of AVX-512's 32, 12 of AVX2's 16."""
     return vector_registers(family) - RESERVED_REGISTERS
+
+
 # fewer (n, oc block) tasks than this and output-row blocks join the parallel loop
 MIN_TASKS = 16
 # per-image tasks when there are at least this many images per core
