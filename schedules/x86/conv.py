@@ -148,8 +148,9 @@ def tile_channels(channels: int, columns: int, lanes: int, accumulators: int) ->
     `accumulators` registers allow; one vector and more columns when `columns` has no divisor
     near the budget for two."""
     ob = _oc_block(channels, lanes)
-    ow = _ow_block(columns, cm.vector_count(ob, lanes), accumulators)
-    if ow * 2 < accumulators // cm.vector_count(ob, lanes) and ob > lanes and channels % lanes == 0:
+    vectors = cm.vector_count(ob, lanes)
+    ow = _ow_block(columns, vectors, accumulators)
+    if ow * 2 < accumulators // vectors and ob > lanes and channels % lanes == 0:
         ow1 = _ow_block(columns, 1, accumulators)
         if ow1 > ow:
             ob, ow = lanes, ow1

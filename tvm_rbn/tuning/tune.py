@@ -337,7 +337,7 @@ def _seeds(db, tasks, classes: list, family: str, measured: dict[str, set],
         again = [row[1] for row in rows[:remeasure]]
         if knob_key(default) not in done:
             out.append((i, spaces[0], "default"))
-        elif remeasure and knob_key(default) not in {knob_key(knobs_of(rec.trace) or {"knobs": {}}) for rec in again}:
+        elif remeasure and knob_key(default) not in {knob_key(k) for k in (knobs_of(rec.trace) for rec in again) if k}:
             out.append((i, spaces[0], "remeasured"))  # the default competes in the same batch
         annotation = knobs_of(found[1].trace) if found else None
         newer = sorted(set(default["knobs"]) - set(annotation["knobs"])) if annotation else []
