@@ -60,7 +60,7 @@ from . import common as cm
 # vector registers the output tile may not use: they hold the weight vectors and the
 # broadcast input. A tile larger than the rest spills accumulators to the stack on every FMA:
 # measured on Zen 3 with AVX2 (16 ymm), 28x28 3x3 128->128 at batch 16, 16 lanes x 7 columns
-# (14 accumulators) 56 ms, 16 x 4 (8) 22 ms, oneDNN 21-28 ms; 56x56 1x1 64->256 22 -> 13 ms.
+# (14 accumulators) 56 ms, 16 x 4 (8) 22 ms, oneDNN 21-28 ms.
 RESERVED_REGISTERS = 4
 
 
