@@ -180,7 +180,8 @@ def test_bare_input_is_read_in_place(stride, tmp_path):
 def test_wgrad_gradient_operand_placement(r, stride, h, tmp_path):
     """With input channels as lanes the weight gradient forms its gradient operand (the grad
     prologue) per image inside each parallel task; with output channels as lanes it packs it
-    once per call. Both give the reference dw, with one k tile per task and with two."""
+    once per call. Both give the reference dw, with one k tile per task and with two, with the
+    register tile reduced row by row and over whole planes."""
     pytest.importorskip("tvm")
     import tvm
     from tvm import te
@@ -197,6 +198,7 @@ def test_wgrad_gradient_operand_placement(r, stride, h, tmp_path):
     func = te.create_prim_func(spec.build_args())
     family = host_family()
     candidates = bw.wgrad_knob_candidates(bw.wgrad_shape(Schedule(func), family))
+    assert any(kn.plane for kn in candidates), "the tuner never sees the whole-plane reduction"
     p, _ = _out_hw(h, h, r, stride, padding)
     torch.manual_seed(0)
     grad = rbn.DeferredGrad(torch.randn(n, k, p, p), torch.randn(n, k, p, p), torch.rand(k) + 0.5,
@@ -204,15 +206,15 @@ def test_wgrad_gradient_operand_placement(r, stride, h, tmp_path):
     x_raw = torch.randn(n, c, h, h)
     co = _coeffs(c, torch.float32)
     ref = ref_convb.conv2d_wgrad(grad, x_raw, co.scale, co.shift, (r, r), stride, padding, True)
-    for axis, k_tiles in itertools.product(("c", "k"), (1, 2)):
-        knobs = replace(next(kn for kn in candidates if kn.vector_axis == axis), k_tiles=k_tiles)
+    for axis, k_tiles, plane in [*itertools.product(("c", "k"), (1, 2), (False,)), ("c", 2, True), ("k", 1, True)]:
+        knobs = replace(next(kn for kn in candidates if kn.vector_axis == axis), k_tiles=k_tiles, plane=plane)
         sch = bw.schedule_wgrad(Schedule(func), family, knobs)
         task = sch.get(sch.get_loops(sch.get_sblock("wgrad_update"))[0])
         in_task = sch.get(sch.get_loops(sch.get_sblock("grad"))[0]).same_as(task)
         assert in_task == (axis == "c"), f"{knobs}: gradient formed {'in' if in_task else 'outside'} the task"
         lib = tvm.compile(tvm.IRModule({"k": sch.mod["main"].with_attr("global_symbol", "k")}),
                           target=host_tvm_target())
-        path = tmp_path / f"wgrad_{axis}_{k_tiles}.so"
+        path = tmp_path / f"wgrad_{axis}_{k_tiles}_{plane}.so"
         lib.export_library(str(path))
         dw = torch.zeros(k, c, r, r)
         load_module(path)["k"](grad.dz, grad.x, grad.c1, grad.c2, grad.c3, x_raw, co.scale, co.shift, dw)
