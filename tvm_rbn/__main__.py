@@ -85,8 +85,10 @@ def _tune(args) -> int:
 
 def _build(args) -> int:
     from tvm_rbn.build import provider
+    from tvm_rbn.build.measure import MARGIN
     from tvm_rbn.build.workloads import build_for_model
 
+    margin = MARGIN if args.margin is None else args.margin
     if args.logs:
         from tvm_rbn.build.target import host_family
         from tvm_rbn.tuning import records
@@ -96,7 +98,7 @@ def _build(args) -> int:
         print("building, then timing each BatchNorm's kernels against PyTorch's conv + BN + ReLU "
               f"(median of {args.reps} alternating reps; --no-measure skips this)", flush=True)
     out = build_for_model(_model(args), _shape(args), out_dir=args.out, tuning_logs=provider.tuning_logs(),
-                          measure=args.measure, reps=args.reps, margin=args.margin)
+                          measure=args.measure, reps=args.reps, margin=margin)
     manifest = json.loads((out / "manifest.json").read_text())
     tuned = sum(k["tuned"] for k in manifest["kernels"])
     print(f"{len(manifest['kernels'])} kernels ({tuned} tuned) for {args.model} at {_shape(args)} -> {out}")
@@ -104,7 +106,7 @@ def _build(args) -> int:
     if layers:
         slower = {name: row for name, row in layers.items() if row["choice"] == "pytorch"}
         print(f"per layer: {len(layers) - len(slower)} of {len(layers)} restructured BatchNorms run tvm_rbn kernels; "
-              f"{len(slower)} run in PyTorch (measured slower by more than {100 * args.margin:.0f}%)"
+              f"{len(slower)} run in PyTorch (measured slower by more than {100 * margin:.0f}%)"
               + ("".join(f"\n  {name}: ours {row['ours_ms']:.2f} ms vs PyTorch {row['torch_ms']:.2f} ms"
                          for name, row in slower.items())))
     print(f"train with: tvm_rbn.restructure(model, library={str(out)!r})")
@@ -174,8 +176,9 @@ def main(argv=None) -> int:
                    help="skip the per-layer decision (default: time each BatchNorm's kernels against PyTorch's "
                         "conv + BN + ReLU on this machine; layers where ours are slower run in PyTorch)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per kernel and side (default 5)")
-    p.add_argument("--margin", type=float, default=0.03,
-                   help="a layer runs in PyTorch when ours take more than (1 + margin) x its time (default 0.03)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="a layer runs in PyTorch when ours, timed alone, take more than (1 + margin) x its time "
+                        "(default 0.10: tvm_rbn.build.measure.MARGIN)")
     p.set_defaults(run=_build)
     p = sub.add_parser("demo", help="train a restructured model next to the unchanged PyTorch model")
     _model_args(p)
