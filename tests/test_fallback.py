@@ -165,14 +165,18 @@ class Tiny(nn.Sequential):
         )
 
 
-@pytest.mark.parametrize("recheck_ms, choice", [(0.9, "tvm"), (1.1, "pytorch")], ids=["recheck-faster", "recheck-slower"])
-def test_close_calls_are_retimed_before_deciding(monkeypatch, recheck_ms, choice):
-    """A layer whose first pass lands near the threshold is timed again, with more reps, and
-    decided on all of them; clear wins and losses are decided on the first pass."""
+@pytest.mark.parametrize("recheck_offset, choice", [(-0.2, "tvm"), (0.05, "pytorch")],
+                         ids=["recheck-faster", "recheck-slower"])
+def test_close_calls_are_retimed_before_deciding(monkeypatch, recheck_offset, choice):
+    """A layer whose first pass lands near the threshold (1 + MARGIN) is timed again, with more
+    reps, and decided on all of them; clear wins and losses are decided on the first pass."""
     from tvm_rbn.benchmarks import layers, timing
     from tvm_rbn.build import measure as cost
 
-    first = {"close": 1.05, "slow": 2.0, "fast": 0.5}  # ours per call (ms); PyTorch takes 1.0
+    threshold = 1 + cost.MARGIN
+    recheck_ms = threshold + recheck_offset
+    # ours per call (ms); PyTorch takes 1.0
+    first = {"close": threshold + 0.02, "slow": threshold + 2 * cost.CLOSE, "fast": threshold - 2 * cost.CLOSE}
     calls = Counter()
 
     class FakeCase:
