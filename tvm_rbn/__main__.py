@@ -85,10 +85,8 @@ def _tune(args) -> int:
 
 def _build(args) -> int:
     from tvm_rbn.build import provider
-    from tvm_rbn.build.measure import MARGIN
     from tvm_rbn.build.workloads import build_for_model
 
-    margin = MARGIN if args.margin is None else args.margin
     if args.logs:
         from tvm_rbn.build.target import host_family
         from tvm_rbn.tuning import records
@@ -98,7 +96,7 @@ def _build(args) -> int:
         print("building, then timing each BatchNorm's kernels against PyTorch's conv + BN + ReLU "
               f"(median of {args.reps} alternating reps; --no-measure skips this)", flush=True)
     out = build_for_model(_model(args), _shape(args), out_dir=args.out, tuning_logs=provider.tuning_logs(),
-                          measure=args.measure, reps=args.reps, margin=margin)
+                          measure=args.measure, reps=args.reps, margin=args.margin)
     manifest = json.loads((out / "manifest.json").read_text())
     tuned = sum(k["tuned"] for k in manifest["kernels"])
     print(f"{len(manifest['kernels'])} kernels ({tuned} tuned) for {args.model} at {_shape(args)} -> {out}")
@@ -106,7 +104,7 @@ def _build(args) -> int:
     if layers:
         slower = {name: row for name, row in layers.items() if row["choice"] == "pytorch"}
         print(f"per layer: {len(layers) - len(slower)} of {len(layers)} restructured BatchNorms run tvm_rbn kernels; "
-              f"{len(slower)} run in PyTorch (measured slower by more than {100 * margin:.0f}%)"
+              f"{len(slower)} run in PyTorch (measured slower by more than {100 * manifest['layer_measurement']['margin']:.0f}%)"
               + ("".join(f"\n  {name}: ours {row['ours_ms']:.2f} ms vs PyTorch {row['torch_ms']:.2f} ms"
                          for name, row in slower.items())))
     print(f"train with: tvm_rbn.restructure(model, library={str(out)!r})")

@@ -445,7 +445,8 @@ def wgrad_knob_candidates(shape: WgradShape) -> list[WgradKnobs]:
     # each image-major setting with the whole-plane register reduction (on small planes a row
     # is a short run; resnet50's 14x14 1x1 1024->256 with input channels as lanes, 11.2 -> 9.2
     # ms, the best of 34 weight gradients in the Zen 4 batch of tuning_logs/README.md)
-    out += [replace(kn, plane=True) for kn in list(out) if kn.image_major and replace(kn, plane=True) not in out]
+    planes = [replace(kn, plane=True) for kn in out if kn.image_major]
+    out += [kn for kn in planes if kn not in out]
     return out
 
 

@@ -34,10 +34,10 @@ import torch
 # ours may be this much slower, timed alone, before a layer goes to PyTorch. Not only timing
 # noise: a layer left to PyTorch costs the step more than its kernels' difference, which the
 # isolated timing does not see (among the likely causes: the two runtimes taking turns on the
-# cores, the BatchNorm before it applied as a standalone pass). Measured on the Zen 4 machine (2026-12-04): resnet50's library
-# with 7 BatchNorms decided for PyTorch at a 3% margin (ours 3.5-3.9% slower alone; 10.6 ms
-# per step in all) against the same kernels with all 53 on ours, 11 alternating training steps:
-# 2.705 vs 2.435 s and 2.702 vs 2.618 s, the all-ours step faster both times.
+# cores, the BatchNorm before it applied as a standalone pass). Measured on the Zen 4 machine
+# (2026-12-04): resnet50's library with 7 BatchNorms decided for PyTorch at a 3% margin (ours
+# 3.5-3.9% slower alone; 10.6 ms per step in all) against the same kernels with all 53 on ours,
+# 11 alternating training steps: 2.705 vs 2.435 s and 2.702 vs 2.618 s, all-ours faster both times.
 MARGIN = 0.10
 REPS = 5
 # a layer whose first ratio (ours / PyTorch) lies within this of the threshold 1 + MARGIN is
