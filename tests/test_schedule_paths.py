@@ -300,3 +300,103 @@ def test_register_tiles_fit_the_family(layer, family, registers):
                                                     **geometry).prim_func()), family)
     for kn in bw.wgrad_knob_candidates(wgrad):
         assert bw.wgrad_tile_registers(kn, wgrad) <= budget, f"weight gradient {kn}"
+
+
+# (id, H=W, stride, column tile): one tile per row, two (unrolled), four (rows only)
+BORDER_CASES = [("one-column-tile", 7, 1, 7), ("two-column-tiles", 8, 1, 4), ("rows-only", 12, 1, 3),
+                ("stride2", 9, 2, None)]
+
+
+@pytest.mark.parametrize("op", ["conv2d_fused", "conv2d_dgrad"], ids=["forward", "dgrad"])
+@pytest.mark.parametrize("case", BORDER_CASES, ids=[c[0] for c in BORDER_CASES])
+def test_border_taps_skipped_bitwise(op, case, tmp_path):
+    """With ``skip_border`` the taps that read a 3x3 pad-1 layer's zero border are predicated
+    away (rows always, columns where the column loops unroll); the outputs are bitwise those
+    of computing them, and the reference's."""
+    pytest.importorskip("tvm")
+    import tvm
+    from tvm.s_tir import Schedule
+    from tvm.tirx import IntImm
+
+    from tvm_rbn.build.target import host_family, host_tvm_target
+    from tvm_rbn.kernels import KernelSpec
+    from tvm_rbn.runtime import load_module
+    from tvm_rbn.schedules.x86 import backward as bw
+    from tvm_rbn.schedules.x86 import common as cm
+    from tvm_rbn.schedules.x86 import conv as cv
+
+    _, h, stride, columns = case
+    n, c, k = 4, 32, 32
+    geometry = dict(n=n, c=c, h=h, w=h, k=k, r=3, s=3, stride=(stride, stride), padding=(1, 1), dtype="float32")
+    family = host_family()
+    if op == "conv2d_fused":
+        spec = KernelSpec.make(op, prologue_relu=True, stats=True, **geometry)
+        shape = cv.conv_shape(Schedule(spec.prim_func()), family)
+        base = replace(cv.default_knobs(shape), ow_block=columns or cv.default_knobs(shape).ow_block)
+        schedule, prefix = cv.schedule_conv, "conv"
+    else:
+        spec = KernelSpec.make(op, grad_prologue=True, epilogue_relu=True, **geometry)
+        shape = bw.dgrad_shape(Schedule(spec.prim_func()), family)
+        base = replace(bw.default_dgrad_knobs(shape), ow_block=columns or bw.default_dgrad_knobs(shape).ow_block)
+        schedule, prefix = bw.schedule_dgrad, "dgrad"
+    assert shape.border, f"{op} {case[0]}: padded input without a zero border"
+    torch.manual_seed(0)
+    x, weight = torch.randn(n, c, h, h), torch.randn(k, c, 3, 3) / 17
+    co = _coeffs(c, torch.float32)
+    p, _ = _out_hw(h, h, 3, stride, 1)
+    grad = rbn.DeferredGrad(torch.randn(n, k, p, p), torch.randn(n, k, p, p), torch.rand(k) + 0.5,
+                            torch.randn(k) * 0.1, torch.randn(k))
+    results = {}
+    for skip in (True, False):
+        knobs = replace(base, skip_border=skip)
+        sch = schedule(Schedule(spec.prim_func()), family, knobs)
+        predicates = [sch.get(sch.get_loops(block)[-1]).body.predicate for name, block in cm.blocks(sch).items()
+                      if name.startswith(prefix) and name.endswith("_update")]
+        predicated = [not (isinstance(pr, IntImm) and pr.value == 1) for pr in predicates]
+        assert predicates and any(predicated) == skip, f"{op} {knobs}: updates predicated {predicated}"
+        lib = tvm.compile(tvm.IRModule({"k": sch.mod["main"].with_attr("global_symbol", "k")}), target=host_tvm_target())
+        lib.export_library(str(tmp_path / f"k{skip}.so"))
+        fn = load_module(tmp_path / f"k{skip}.so")["k"]
+        if op == "conv2d_fused":
+            outs = [torch.zeros(n, k, p, p), torch.zeros(n, k), torch.zeros(n, k)]
+            fn(x, co.scale, co.shift, weight, *outs)
+        else:
+            outs = [torch.zeros(n, c, h, h), torch.zeros(n, c), torch.zeros(n, c)]
+            fn(grad.dz, grad.x, grad.c1, grad.c2, grad.c3, weight, x, co.scale, co.shift, co.mean, co.invstd, *outs)
+        results[skip] = outs
+    for got, computed in zip(results[True], results[False]):
+        assert torch.equal(got, computed), f"{op} {case[0]}: max |diff| {(got - computed).abs().max().item():.3e}"
+    if op == "conv2d_fused":
+        ref = F.conv2d(torch.relu(x * co.scale[:, None, None] + co.shift[:, None, None]), weight, stride=stride, padding=1)
+        assert_close(results[True][0], ref, f"y, {case[0]}")
+    else:
+        ref = ref_convb.conv2d_dgrad(grad, weight, x, co.scale, co.shift, co.mean, co.invstd, (h, h), stride, 1, True)
+        assert_close(results[True][0], ref[0], f"dz, {case[0]}")
+
+
+@pytest.mark.parametrize("layer, skip", [((512, 512, 7, 1), True), ((256, 256, 14, 1), True), ((128, 128, 28, 1), False),
+                                         ((128, 32, 14, 1), False), ((512, 512, 14, 2), False)],
+                         ids=["7x7-512", "14x14-256", "28x28-128", "14x14-128-to-32", "14x14-512-stride2"])
+def test_border_skip_defaults(layer, skip):
+    """Border taps are skipped by default where that measured faster (stride 1, small planes,
+    many reduced channels) and computed elsewhere; the tuner gets both choices."""
+    pytest.importorskip("tvm")
+    from tvm.s_tir import Schedule
+
+    from tvm_rbn.build.target import host_family
+    from tvm_rbn.kernels import KernelSpec
+    from tvm_rbn.schedules.x86 import backward as bw
+    from tvm_rbn.schedules.x86 import conv as cv
+
+    c, k, h, stride = layer
+    geometry = dict(n=16, c=c, h=h, w=h, k=k, r=3, s=3, stride=(stride, stride), padding=(1, 1), dtype="float32")
+    family = host_family()
+    conv = cv.conv_shape(Schedule(KernelSpec.make("conv2d_fused", prologue_relu=True, stats=True,
+                                                  **geometry).prim_func()), family)
+    # the data gradient reduces over K and writes C: the same layer read the other way
+    dgrad = bw.dgrad_shape(Schedule(KernelSpec.make("conv2d_dgrad", grad_prologue=True, epilogue_relu=True,
+                                                    **dict(geometry, c=k, k=c)).prim_func()), family)
+    for what, default, candidates in (("forward", cv.default_knobs(conv), cv.knob_candidates(conv)),
+                                      ("data gradient", bw.default_dgrad_knobs(dgrad), bw.dgrad_knob_candidates(dgrad))):
+        assert default.skip_border == skip, f"{what} {layer}: default skip_border {default.skip_border}"
+        assert {kn.skip_border for kn in candidates} == {True, False}, f"{what} {layer}: the tuner lacks a choice"

@@ -84,6 +84,8 @@ class DgradKnobs:
     per_image: tasks are images (gradient packed in-task, in cache) or (image, ic block) pairs.
     row_tasks: input-row blocks per task in the parallel loop (small batches); > 1 moves the
         BatchNorm partials to separate passes.
+    skip_border: taps that read the gradient's zero border do no work, as in the forward
+        template (``conv.ConvKnobs.skip_border``).
     """
 
     ic_block: int
@@ -91,6 +93,7 @@ class DgradKnobs:
     k_block: int
     per_image: bool = True
     row_tasks: int = 1
+    skip_border: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class DgradShape:
     row_stride: int
     col_stride: int
     accumulators: int = 28  # vector registers the register tile may use (conv.accumulator_registers)
+    border: bool = False  # the padded gradient has a zero border
 
 
 def _phase_blocks(sch: Schedule) -> list:
@@ -135,7 +139,8 @@ def dgrad_shape(sch: Schedule, family: str) -> DgradShape:
         _, _, _, u, k, ri, rj = cm.extents(sch, sch.get_loops(block))
         taps += ri * rj
     return DgradShape(n, c, h, u, k, vector_lanes(family, cm.dtype_of(sch, phases[0])), taps,
-                      _phase_stride(sch, 2), _phase_stride(sch, 3), accumulator_registers(family))
+                      _phase_stride(sch, 2), _phase_stride(sch, 3), accumulator_registers(family),
+                      cm.zero_border(sch, cm.blocks(sch)["grad_pad"]) is not None)
 
 
 def default_dgrad_knobs(shape: DgradShape, cores: int | None = None) -> DgradKnobs:
@@ -148,12 +153,13 @@ def default_dgrad_knobs(shape: DgradShape, cores: int | None = None) -> DgradKno
     else:
         kb = cm.largest_divisor(shape.k, K_BLOCK_LONG if shape.c * shape.taps >= PACK_INTENSITY else K_BLOCK_SHORT)
     cores = cores or host_cores()
+    skip = cm.skips_border_by_default(shape.border, (shape.row_stride, shape.col_stride) == (1, 1), shape.u, shape.k)
     if shape.n >= MIN_IMAGES_PER_CORE * cores:
-        return DgradKnobs(cb, ub, kb, per_image=True)
+        return DgradKnobs(cb, ub, kb, per_image=True, skip_border=skip)
     tasks = shape.n * (shape.c // cb)
     rows_u = -(-shape.h // shape.row_stride)
     rows = 1 if tasks >= MIN_TASKS else cm.largest_divisor(rows_u, -(-MIN_TASKS // tasks))
-    return DgradKnobs(cb, ub, kb, per_image=False, row_tasks=rows)
+    return DgradKnobs(cb, ub, kb, per_image=False, row_tasks=rows, skip_border=skip)
 
 
 def dgrad_knob_candidates(shape: DgradShape) -> list[DgradKnobs]:
@@ -168,7 +174,7 @@ def dgrad_knob_candidates(shape: DgradShape) -> list[DgradKnobs]:
             kn = replace(base, ic_block=cb, ow_block=ub, k_block=kb, per_image=per_image)
             if kn not in out:
                 out.append(kn)
-    return out
+    return cm.with_border_choice(out, shape.border)
 
 
 def schedule_dgrad(sch: Schedule, family: str, knobs: DgradKnobs | None = None) -> Schedule:
@@ -255,6 +261,8 @@ def schedule_dgrad(sch: Schedule, family: str, knobs: DgradKnobs | None = None) 
         sch.unroll(cv)
         sch.unroll(vi)
         sch.decompose_reduction(block, rko)
+        if kn.skip_border:
+            cm.skip_border_taps(sch, block, gpad, vo, rj)
 
     # gradient packing: per task (image) or once per call
     cm.pack_channel_blocks(sch, gpad, kb, task if kn.per_image else None)

@@ -1,6 +1,8 @@
 """Helpers shared by the x86 templates (no template lives here)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tvm.s_tir import Schedule
 from tvm.tirx import IterVar
 
@@ -176,3 +178,111 @@ def plane_reductions(sch: Schedule, names, lanes: int, at=None) -> None:
         if lane > 1:
             sch.vectorize(loops[-1])
         sch.decompose_reduction(rf, first_reduction)
+
+
+def _conjuncts(cond) -> list:
+    from tvm.tirx import And
+
+    return _conjuncts(cond.a) + _conjuncts(cond.b) if isinstance(cond, And) else [cond]
+
+
+def zero_border(sch: Schedule, pad_block) -> tuple | None:
+    """(value, condition) of a padding stage that stores ``if_then_else(inside, value, 0)``
+    (the zeros are its border); None for one without a border (identity padding)."""
+    from tvm.tirx import BufferStore, FloatImm, IntImm
+
+    store = sch.get(pad_block).body
+    call = getattr(store, "value", None) if isinstance(store, BufferStore) else None
+    op = getattr(getattr(call, "op", None), "name", "")
+    if not op.endswith("if_then_else"):
+        return None
+    zero = call.args[2]
+    if not (isinstance(zero, (FloatImm, IntImm)) and zero.value == 0):
+        return None
+    return store, call.args[0]
+
+
+def skip_zero_border(sch: Schedule, block, pad_block, dims: tuple[int, ...]) -> bool:
+    """Predicate a convolution's reduction update `block` (``acc += pad[...] * w[...]``) so
+    that the taps reading the zero border of the padding stage `pad_block` do no work: the
+    border's products are exact zeros, so the result is bitwise the same.
+
+    `dims`: which dimensions of the padded buffer to test (2: rows, 3: columns, as both
+    padded layouts keep them). A condition on loops that stay loops is a branch around the
+    tile's FMAs: cheap for rows (the same outcome over the whole inner reduction), too costly
+    for columns, which the caller should test only when the column and column-tap loops are
+    unrolled (the condition is then folded away at compile time). On 3x3 pad-1 layers a
+    7x7 plane wastes 2 of 9 rows and columns on zeros. Returns whether anything was skipped."""
+    from tvm import s_tir, tirx
+    from tvm.sym.analyzer import Analyzer
+    from tvm.tirx.analysis import undefined_vars
+
+    border = zero_border(sch, pad_block)
+    if border is None:
+        return False
+    store, inside = border
+    tested = {store.indices[d] for d in dims if isinstance(store.indices[d], tirx.Var)}
+    parts = [c for c in _conjuncts(inside)
+             if undefined_vars(c, []) and all(any(v.same_as(t) for t in tested) for v in undefined_vars(c, []))]
+    sblock = sch.get(block)
+    reads = [r for r in sblock.reads if r.source.same_as(store.buffer)]
+    loop = sch.get_loops(block)[-1]
+    realize = sch.get(loop).body
+    if not parts or len(reads) != 1 or not isinstance(realize, s_tir.SBlockRealize):
+        return False
+    to_read, to_loops = Analyzer(), Analyzer()
+    for index, read in zip(store.indices, reads[0].region):
+        if isinstance(index, tirx.Var):
+            to_read.bind(index, read.min)
+    for iv, value in zip(sblock.iter_vars, realize.iter_values):
+        to_loops.bind(iv.var, value)
+    cond = to_loops.simplify(to_read.simplify(tirx.all(*parts)))
+    if isinstance(cond, tirx.IntImm) and cond.value:
+        return False  # no tap of this block reaches the border
+    predicate = to_loops.simplify(tirx.And(realize.predicate, cond))
+    loop_stmt = sch.get(loop)
+    new_loop = tirx.For(loop_stmt.loop_var, loop_stmt.min, loop_stmt.extent, loop_stmt.kind,
+                        s_tir.SBlockRealize(realize.iter_values, predicate, realize.block),
+                        loop_stmt.thread_binding, loop_stmt.annotations)
+    sch.state.replace(sch.get_sref(loop), new_loop, {realize.block: realize.block})
+    return True
+
+
+# column tiles of a row that skip_border_taps unrolls to fold the column conditions away
+UNROLLED_COLUMN_TILES = 2
+# default: skip border taps for stride-1 layers on planes at most SKIP_BORDER_MAX_WIDTH wide
+# whose reduction has at least SKIP_BORDER_MIN_CHANNELS channels. Measured on Zen 4 (AVX-512,
+# batch 16, each kernel's tuned tile, forward / data gradient, off -> on): resnet50 7x7 3x3 512
+# 18.4 -> 15.6 / 18.1 -> 15.4 ms, 14x14 3x3 256 18.0 -> 16.5 / 18.9 -> 17.7 ms; 28x28 3x3 128
+# 17.7 -> 17.5 / 18.2 -> 20.3 ms (a row's border is a smaller share there than the branches
+# cost); densenet121's 3x3 128 -> 32 layers mixed (14x14 data gradient, 32 channels reduced:
+# 2.07 -> 2.63 ms; 7x7 0.44 -> 0.39 ms); strided forward layers slower (56x56 stride 2: 18.1 ->
+# 25.0 ms). The tuner measures both choices for every kernel (``with_border_choice``).
+SKIP_BORDER_MAX_WIDTH = 14
+SKIP_BORDER_MIN_CHANNELS = 256
+
+
+def skips_border_by_default(border: bool, stride_one: bool, width: int, reduced_channels: int) -> bool:
+    return border and stride_one and width <= SKIP_BORDER_MAX_WIDTH and reduced_channels >= SKIP_BORDER_MIN_CHANNELS
+
+
+def skip_border_taps(sch: Schedule, block, pad_block, column_tiles, column_taps) -> bool:
+    """``skip_zero_border`` for a register-tiled convolution: rows always; columns when the
+    loop over a row's column tiles has at most UNROLLED_COLUMN_TILES iterations, by unrolling
+    it and the column-tap loop so that each (column, tap) condition is a constant."""
+    if zero_border(sch, pad_block) is None:
+        return False
+    columns = extents(sch, [column_tiles])[0] <= UNROLLED_COLUMN_TILES
+    if columns:
+        sch.unroll(column_taps)
+        if extents(sch, [column_tiles])[0] > 1:
+            sch.unroll(column_tiles)
+    return skip_zero_border(sch, block, pad_block, (2, 3) if columns else (2,))
+
+
+def with_border_choice(candidates: list, border: bool) -> list:
+    """Knob candidates, each also with ``skip_border`` flipped when the input has a border."""
+    if not border:
+        return candidates
+    return candidates + [flipped for flipped in (replace(kn, skip_border=not kn.skip_border) for kn in candidates)
+                         if flipped not in candidates]

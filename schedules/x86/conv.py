@@ -49,6 +49,10 @@ Knobs (``ConvKnobs``), chosen by ``default_knobs`` from the shape, all tunable
 - ``unroll_taps``: unroll the kernel-width tap loop.
 - ``direct_input``: read an input without prologue or padding in place instead of packing
   it (the default whenever it can; False in records older than the knob, which packed).
+- ``skip_border``: taps that read the zero padding do no work (``common.skip_border_taps``);
+  a 3x3 pad-1 layer on a 7x7 plane spends 2 of 9 rows and columns on zeros. By default for
+  stride-1 layers on small planes with many input channels, where it measured faster
+  (``common.skips_border_by_default``); False in older records.
 
 Every split is by a divisor, so no tile has a tail and any shape is correct.
 """
@@ -105,6 +109,7 @@ class ConvShape:
     lanes: int
     stride_area: int = 1
     bare_input: bool = False  # no prologue, no padding: the input can be read in place
+    border: bool = False  # the padded input has a zero border
     accumulators: int = 28  # vector registers the output tile may use (accumulator_registers)
 
 
@@ -120,6 +125,7 @@ class ConvKnobs:
     unroll_ic: bool = False
     batch_inner: int = 0
     direct_input: bool = False
+    skip_border: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -134,7 +140,8 @@ def conv_shape(sch: Schedule, family: str, block_name: str = "conv") -> ConvShap
     sh = (pad_rows - r) // (p - 1) if p > 1 else 1
     sw = (pad_cols - s) // (q - 1) if q > 1 else 1
     return ConvShape(n, k, p, q, c, r, s, vector_lanes(family, cm.dtype_of(sch, conv)), max(1, sh) * max(1, sw),
-                     can_read_directly(sch), accumulator_registers(family))
+                     can_read_directly(sch), cm.zero_border(sch, cm.blocks(sch)["pad"]) is not None,
+                     accumulator_registers(family))
 
 
 def _oc_block(k: int, lanes: int) -> int:
@@ -172,13 +179,14 @@ def default_knobs(shape: ConvShape, cores: int | None = None) -> ConvKnobs:
     ic = cm.largest_divisor(shape.c, ic_block_cap(shape.k * shape.r * shape.s // shape.stride_area))
     cores = cores or host_cores()
     direct = shape.bare_input
+    skip = cm.skips_border_by_default(shape.border, shape.stride_area == 1, shape.q, shape.c)
     if shape.n >= MIN_IMAGES_PER_CORE * cores:
-        return ConvKnobs(ob, ow, ic, per_image=True, direct_input=direct)
+        return ConvKnobs(ob, ow, ic, per_image=True, direct_input=direct, skip_border=skip)
     tasks = shape.n * (shape.k // ob)
     rows = 1
     if tasks < MIN_TASKS:
         rows = cm.largest_divisor(shape.p, -(-MIN_TASKS // tasks))
-    return ConvKnobs(ob, ow, ic, per_image=False, row_tasks=rows, direct_input=direct)
+    return ConvKnobs(ob, ow, ic, per_image=False, row_tasks=rows, direct_input=direct, skip_border=skip)
 
 
 def knob_candidates(shape: ConvShape) -> list[ConvKnobs]:
@@ -196,7 +204,7 @@ def knob_candidates(shape: ConvShape) -> list[ConvKnobs]:
                          direct_input=direct)
             if kn not in out:
                 out.append(kn)
-    return out
+    return cm.with_border_choice(out, shape.border)
 
 
 def can_read_directly(sch: Schedule) -> bool:
@@ -289,6 +297,8 @@ def schedule_conv(sch: Schedule, family: str, knobs: ConvKnobs | None = None) ->
     if kn.unroll_ic:
         sch.unroll(rci)
     sch.decompose_reduction(conv, rcc if rcc is not None else rco)
+    if kn.skip_border and not direct:
+        cm.skip_border_taps(sch, conv, pad, qo, rs)
 
     # input packing: per task (into a task-local workspace) or once per call, in parallel
     if not direct:
