@@ -27,6 +27,16 @@ def default_schedule(func, family: str):
     raise RuntimeError(f"no schedule template applies to this kernel on {family}")
 
 
+def restore_untraced(func):
+    """A scheduled PrimFunc with the template steps a trace does not record put back (the
+    x86 border predicates, ``x86.common.apply_border_predicates``); the same func when they
+    are there already or the kernel has none. For schedules replayed from traces: the
+    tuner's search and its builder, a record without knobs."""
+    from .x86.common import apply_border_predicates
+
+    return apply_border_predicates(func)
+
+
 def design_spaces(func, family: str, klass: str | None = None, limit: int | None = None,
                   batch: str | None = None) -> list:
     """A convolution kernel's knob settings as annotated schedules (default first), stamped

@@ -311,16 +311,18 @@ BORDER_CASES = [("one-column-tile", 7, 1, 7), ("two-column-tiles", 8, 1, 4), ("r
 @pytest.mark.parametrize("case", BORDER_CASES, ids=[c[0] for c in BORDER_CASES])
 def test_border_taps_skipped_bitwise(op, case, tmp_path):
     """With ``skip_border`` the taps that read a 3x3 pad-1 layer's zero border are predicated
-    away (rows always, columns where the column loops unroll); the outputs are bitwise those
-    of computing them, and the reference's."""
+    away (rows always, columns where the column loops unroll), also on a schedule replayed
+    from its trace; the outputs are bitwise those of computing them, and the reference's."""
     pytest.importorskip("tvm")
     import tvm
+    import tvm_ffi
     from tvm.s_tir import Schedule
     from tvm.tirx import IntImm
 
     from tvm_rbn.build.target import host_family, host_tvm_target
     from tvm_rbn.kernels import KernelSpec
     from tvm_rbn.runtime import load_module
+    from tvm_rbn.schedules import restore_untraced
     from tvm_rbn.schedules.x86 import backward as bw
     from tvm_rbn.schedules.x86 import common as cm
     from tvm_rbn.schedules.x86 import conv as cv
@@ -354,6 +356,11 @@ def test_border_taps_skipped_bitwise(op, case, tmp_path):
                       if name.startswith(prefix) and name.endswith("_update")]
         predicated = [not (isinstance(pr, IntImm) and pr.value == 1) for pr in predicates]
         assert predicates and any(predicated) == skip, f"{op} {knobs}: updates predicated {predicated}"
+        # a trace does not record the predicate: the tuner's replays get it back from the annotation
+        replayed = Schedule(spec.prim_func())
+        sch.trace.apply_to_schedule(replayed, remove_postproc=False)
+        assert tvm_ffi.structural_equal(restore_untraced(replayed.mod["main"]), sch.mod["main"]), \
+            f"{op} {knobs}: replayed trace differs after restore_untraced"
         lib = tvm.compile(tvm.IRModule({"k": sch.mod["main"].with_attr("global_symbol", "k")}), target=host_tvm_target())
         lib.export_library(str(tmp_path / f"k{skip}.so"))
         fn = load_module(tmp_path / f"k{skip}.so")["k"]

@@ -187,7 +187,7 @@ def _conjuncts(cond) -> list:
 
 
 def zero_border(sch: Schedule, pad_block) -> tuple | None:
-    """(value, condition) of a padding stage that stores ``if_then_else(inside, value, 0)``
+    """(store, inside) of a padding stage whose store is ``if_then_else(inside, value, 0)``
     (the zeros are its border); None for one without a border (identity padding)."""
     from tvm.tirx import BufferStore, FloatImm, IntImm
 
@@ -212,7 +212,12 @@ def skip_zero_border(sch: Schedule, block, pad_block, dims: tuple[int, ...]) -> 
     tile's FMAs: cheap for rows (the same outcome over the whole inner reduction), too costly
     for columns, which the caller should test only when the column and column-tap loops are
     unrolled (the condition is then folded away at compile time). On 3x3 pad-1 layers a
-    7x7 plane wastes 2 of 9 rows and columns on zeros. Returns whether anything was skipped."""
+    7x7 plane wastes 2 of 9 rows and columns on zeros.
+
+    The predicate is not a schedule primitive, so a trace does not record it: the caller
+    annotates the block (``BORDER_ANNOTATION``) and ``apply_border_predicates`` puts it back
+    on a schedule replayed from a trace. A block predicated already is left as it is.
+    Returns whether a predicate was added."""
     from tvm import s_tir, tirx
     from tvm.sym.analyzer import Analyzer
     from tvm.tirx.analysis import undefined_vars
@@ -230,6 +235,8 @@ def skip_zero_border(sch: Schedule, block, pad_block, dims: tuple[int, ...]) -> 
     realize = sch.get(loop).body
     if not parts or len(reads) != 1 or not isinstance(realize, s_tir.SBlockRealize):
         return False
+    if not (isinstance(realize.predicate, tirx.IntImm) and realize.predicate.value):
+        return False  # predicated already
     to_read, to_loops = Analyzer(), Analyzer()
     for index, read in zip(store.indices, reads[0].region):
         if isinstance(index, tirx.Var):
@@ -239,13 +246,30 @@ def skip_zero_border(sch: Schedule, block, pad_block, dims: tuple[int, ...]) -> 
     cond = to_loops.simplify(to_read.simplify(tirx.all(*parts)))
     if isinstance(cond, tirx.IntImm) and cond.value:
         return False  # no tap of this block reaches the border
-    predicate = to_loops.simplify(tirx.And(realize.predicate, cond))
     loop_stmt = sch.get(loop)
     new_loop = tirx.For(loop_stmt.loop_var, loop_stmt.min, loop_stmt.extent, loop_stmt.kind,
-                        s_tir.SBlockRealize(realize.iter_values, predicate, realize.block),
+                        s_tir.SBlockRealize(realize.iter_values, cond, realize.block),
                         loop_stmt.thread_binding, loop_stmt.annotations)
     sch.state.replace(sch.get_sref(loop), new_loop, {realize.block: realize.block})
     return True
+
+
+# on a reduction update block: "<padding stage>:<dims>", the border test skip_zero_border applies
+BORDER_ANNOTATION = "tvm_rbn.skip_border"
+
+
+def apply_border_predicates(func):
+    """The PrimFunc with every ``BORDER_ANNOTATION`` block predicated (``skip_zero_border``):
+    for a schedule replayed from a trace (MetaSchedule's search, a record without knobs),
+    which keeps the annotation and the unrolled loops but not the predicate."""
+    sch = Schedule(func)
+    named = blocks(sch)
+    for block in named.values():
+        value = sch.get(block).annotations.get(BORDER_ANNOTATION)
+        if value is not None:
+            pad, dims = str(value).split(":")
+            skip_zero_border(sch, block, named[pad], tuple(int(d) for d in dims.split(",")))
+    return sch.mod["main"]
 
 
 # column tiles of a row that skip_border_taps unrolls to fold the column conditions away
@@ -277,7 +301,9 @@ def skip_border_taps(sch: Schedule, block, pad_block, column_tiles, column_taps)
         sch.unroll(column_taps)
         if extents(sch, [column_tiles])[0] > 1:
             sch.unroll(column_tiles)
-    return skip_zero_border(sch, block, pad_block, (2, 3) if columns else (2,))
+    dims = (2, 3) if columns else (2,)
+    sch.annotate(block, BORDER_ANNOTATION, f"{sch.get(pad_block).name_hint}:{','.join(map(str, dims))}")
+    return skip_zero_border(sch, block, pad_block, dims)
 
 
 def with_border_choice(candidates: list, border: bool) -> list:

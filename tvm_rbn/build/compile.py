@@ -23,7 +23,7 @@ def lower_spec(spec: KernelSpec, family: str, database=None, target=None):
     A record is rebuilt from the knob setting it carries, with the templates of this version
     (so a template's improvement reaches every tuned kernel without retuning); a record
     without knobs, or whose knobs no longer fit, replays its trace."""
-    from tvm_rbn.schedules import default_schedule
+    from tvm_rbn.schedules import default_schedule, restore_untraced
     from tvm_rbn.schedules.x86.space import apply_knobs, knobs_of
 
     from tvm.s_tir import Schedule
@@ -41,6 +41,7 @@ def lower_spec(spec: KernelSpec, family: str, database=None, target=None):
             if sch is None:
                 sch = Schedule(mod)
                 rec.trace.apply_to_schedule(sch, remove_postproc=False)
+                sch = Schedule(restore_untraced(sch.mod["main"]))
             return sch.mod["main"].with_attr("global_symbol", spec.symbol), "tuned"
         knobs = class_knobs(database).get(structure_class(spec))
         if knobs is not None:
