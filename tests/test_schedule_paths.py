@@ -381,12 +381,15 @@ def test_border_taps_skipped_bitwise(op, case, tmp_path):
         assert_close(results[True][0], ref[0], f"dz, {case[0]}")
 
 
-@pytest.mark.parametrize("layer, skip", [((512, 512, 7, 1), True), ((256, 256, 14, 1), True), ((128, 128, 28, 1), False),
-                                         ((128, 32, 14, 1), False), ((512, 512, 14, 2), False)],
-                         ids=["7x7-512", "14x14-256", "28x28-128", "14x14-128-to-32", "14x14-512-stride2"])
+@pytest.mark.parametrize("layer, skip", [((512, 512, 7, 1, 3), True), ((256, 256, 14, 1, 3), True),
+                                         ((128, 128, 28, 1, 3), False), ((128, 32, 14, 1, 3), False),
+                                         ((512, 512, 14, 2, 3), False), ((1024, 256, 14, 1, 1), None)],
+                         ids=["7x7-512", "14x14-256", "28x28-128", "14x14-128-to-32", "14x14-512-stride2", "1x1"])
 def test_border_skip_defaults(layer, skip):
     """Border taps are skipped by default where that measured faster (stride 1, small planes,
-    many reduced channels) and computed elsewhere; the tuner gets both choices."""
+    many reduced channels) and computed elsewhere; the tuner gets both choices. A 1x1 layer
+    without padding has no border (its padding stage keeps the if_then_else form with a
+    condition always true) and no choice to make (skip=None)."""
     pytest.importorskip("tvm")
     from tvm.s_tir import Schedule
 
@@ -395,15 +398,19 @@ def test_border_skip_defaults(layer, skip):
     from tvm_rbn.schedules.x86 import backward as bw
     from tvm_rbn.schedules.x86 import conv as cv
 
-    c, k, h, stride = layer
-    geometry = dict(n=16, c=c, h=h, w=h, k=k, r=3, s=3, stride=(stride, stride), padding=(1, 1), dtype="float32")
+    c, k, h, stride, r = layer
+    geometry = dict(n=16, c=c, h=h, w=h, k=k, r=r, s=r, stride=(stride, stride), padding=(r // 2, r // 2),
+                    dtype="float32")
     family = host_family()
     conv = cv.conv_shape(Schedule(KernelSpec.make("conv2d_fused", prologue_relu=True, stats=True,
                                                   **geometry).prim_func()), family)
     # the data gradient reduces over K and writes C: the same layer read the other way
     dgrad = bw.dgrad_shape(Schedule(KernelSpec.make("conv2d_dgrad", grad_prologue=True, epilogue_relu=True,
                                                     **dict(geometry, c=k, k=c)).prim_func()), family)
-    for what, default, candidates in (("forward", cv.default_knobs(conv), cv.knob_candidates(conv)),
-                                      ("data gradient", bw.default_dgrad_knobs(dgrad), bw.dgrad_knob_candidates(dgrad))):
-        assert default.skip_border == skip, f"{what} {layer}: default skip_border {default.skip_border}"
-        assert {kn.skip_border for kn in candidates} == {True, False}, f"{what} {layer}: the tuner lacks a choice"
+    for what, shape, default, candidates in (
+            ("forward", conv, cv.default_knobs(conv), cv.knob_candidates(conv)),
+            ("data gradient", dgrad, bw.default_dgrad_knobs(dgrad), bw.dgrad_knob_candidates(dgrad))):
+        assert shape.border == (skip is not None), f"{what} {layer}: border {shape.border}"
+        assert default.skip_border == bool(skip), f"{what} {layer}: default skip_border {default.skip_border}"
+        choices = {True, False} if skip is not None else {False}
+        assert {kn.skip_border for kn in candidates} == choices, f"{what} {layer}: skip_border among candidates"

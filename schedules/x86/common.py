@@ -188,10 +188,16 @@ def _conjuncts(cond) -> list:
 
 def zero_border(sch: Schedule, pad_block) -> tuple | None:
     """(store, inside) of a padding stage whose store is ``if_then_else(inside, value, 0)``
-    (the zeros are its border); None for one without a border (identity padding)."""
+    and whose rows or columns outnumber its source's (the zeros are its border); None for
+    one without a border (an identity padding keeps the form, with a condition always true)."""
     from tvm.tirx import BufferStore, FloatImm, IntImm
 
-    store = sch.get(pad_block).body
+    sblock = sch.get(pad_block)
+    rows_cols = [int(d) for d in sblock.writes[0].source.shape[2:4]]  # both layouts keep dims 2, 3
+    sources = [[int(d) for d in r.source.shape[2:4]] for r in sblock.reads if len(r.source.shape) == 4]
+    if all(src == rows_cols for src in sources):
+        return None
+    store = sblock.body
     call = getattr(store, "value", None) if isinstance(store, BufferStore) else None
     op = getattr(getattr(call, "op", None), "name", "")
     if not op.endswith("if_then_else"):
@@ -218,6 +224,7 @@ def skip_zero_border(sch: Schedule, block, pad_block, dims: tuple[int, ...]) -> 
     annotates the block (``BORDER_ANNOTATION``) and ``apply_border_predicates`` puts it back
     on a schedule replayed from a trace. A block predicated already is left as it is.
     Returns whether a predicate was added."""
+    import tvm
     from tvm import s_tir, tirx
     from tvm.sym.analyzer import Analyzer
     from tvm.tirx.analysis import undefined_vars
@@ -243,6 +250,9 @@ def skip_zero_border(sch: Schedule, block, pad_block, dims: tuple[int, ...]) -> 
             to_read.bind(index, read.min)
     for iv, value in zip(sblock.iter_vars, realize.iter_values):
         to_loops.bind(iv.var, value)
+    for outer in sch.get_loops(block):  # their ranges let conditions true on every tap fold
+        stmt = sch.get(outer)
+        to_loops.bind(stmt.loop_var, tvm.ir.Range.from_min_extent(stmt.min, stmt.extent))
     cond = to_loops.simplify(to_read.simplify(tirx.all(*parts)))
     if isinstance(cond, tirx.IntImm) and cond.value:
         return False  # no tap of this block reaches the border
