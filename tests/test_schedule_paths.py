@@ -334,14 +334,16 @@ def test_border_taps_skipped_bitwise(op, case, tmp_path):
     if op == "conv2d_fused":
         spec = KernelSpec.make(op, prologue_relu=True, stats=True, **geometry)
         shape = cv.conv_shape(Schedule(spec.prim_func()), family)
-        base = replace(cv.default_knobs(shape), ow_block=columns or cv.default_knobs(shape).ow_block)
+        base = cv.default_knobs(shape)
         schedule, prefix = cv.schedule_conv, "conv"
     else:
         spec = KernelSpec.make(op, grad_prologue=True, epilogue_relu=True, **geometry)
         shape = bw.dgrad_shape(Schedule(spec.prim_func()), family)
-        base = replace(bw.default_dgrad_knobs(shape), ow_block=columns or bw.default_dgrad_knobs(shape).ow_block)
+        base = bw.default_dgrad_knobs(shape)
         schedule, prefix = bw.schedule_dgrad, "dgrad"
     assert shape.border, f"{op} {case[0]}: padded input without a zero border"
+    if columns:
+        base = replace(base, ow_block=columns)
     torch.manual_seed(0)
     x, weight = torch.randn(n, c, h, h), torch.randn(k, c, 3, 3) / 17
     co = _coeffs(c, torch.float32)

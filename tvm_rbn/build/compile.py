@@ -38,11 +38,11 @@ def lower_spec(spec: KernelSpec, family: str, database=None, target=None):
         if rec is not None:
             knobs = knobs_of(rec.trace)
             sch = apply_knobs(func, family, knobs) if knobs else None
-            if sch is None:
-                sch = Schedule(mod)
-                rec.trace.apply_to_schedule(sch, remove_postproc=False)
-                sch = Schedule(restore_untraced(sch.mod["main"]))
-            return sch.mod["main"].with_attr("global_symbol", spec.symbol), "tuned"
+            if sch is not None:
+                return sch.mod["main"].with_attr("global_symbol", spec.symbol), "tuned"
+            sch = Schedule(mod)
+            rec.trace.apply_to_schedule(sch, remove_postproc=False)
+            return restore_untraced(sch.mod["main"]).with_attr("global_symbol", spec.symbol), "tuned"
         knobs = class_knobs(database).get(structure_class(spec))
         if knobs is not None:
             sch = apply_knobs(func, family, knobs)
