@@ -53,6 +53,32 @@ def test_layer_benchmark_times_every_side_of_each_kind(tmp_path):
         assert set(med) == {"tvm_rbn", "torch_unfused", "onednn", "onednn_cl"} and min(med.values()) > 0, row
         assert math.isclose(row["vs_onednn_cl"], med["onednn_cl"] / med["tvm_rbn"]), row
     assert set(r["summary"]) == {"forward", "dgrad", "wgrad"}
+    h = r["headroom"]
+    assert 0 < h["flop_share"] < 1, h  # one layer of resnet18's
+    assert math.isclose(h["ours_ms"], sum(s["step_weighted_ms"]["tvm_rbn"] for s in r["summary"].values())), h
+    assert 0 < h["fastest_ms"] <= h["ours_ms"] and sum(h["fastest_side_counts"].values()) == len(r["rows"]), h
+
+
+def _row(calls, gflop, **ms):
+    return {"calls_per_step": calls, "gflop": gflop, "median_ms": ms}
+
+
+def test_where_the_step_time_goes_from_the_per_layer_medians():
+    from tvm_rbn.benchmarks import layers, suite
+
+    rows = [_row(2, 1.0, tvm_rbn=10.0, torch_unfused=12.0, onednn=11.0, onednn_cl=8.0),  # oneDNN CL fastest
+            _row(1, 3.0, tvm_rbn=20.0, torch_unfused=30.0, onednn=25.0, onednn_cl=21.0)]  # ours fastest
+    h = layers.headroom(rows, step_gflop=5.0)
+    assert (h["ours_ms"], h["fastest_ms"], h["gain_ms"]) == (40.0, 36.0, 4.0), h
+    assert h["fastest_side_counts"] == {"onednn_cl": 1, "tvm_rbn": 1} and h["flop_share"] == 1.0, h
+    assert math.isclose(h["gflops_ours"], 5.0 / 40.0 * 1e3), h
+    step_result = {"model": "m", "median_s": {"eager": 0.5, "torch.compile": 0.3, "tvm_rbn": 0.25}}
+    w = suite.where_time_goes(step_result, {"model": "m", "headroom": h})
+    assert math.isclose(w["rest_s"], 0.21) and math.isclose(w["step_with_fastest_s"], 0.246), w
+    assert math.isclose(w["vs_eager"], 2.0) and math.isclose(w["vs_eager_with_fastest"], 0.5 / 0.246), w
+    assert "m " in suite.format_where_time_goes([w])
+    with pytest.raises(ValueError, match="--layers 0"):  # a sample of layers cannot split the step
+        suite.where_time_goes(step_result, {"model": "m", "headroom": layers.headroom(rows[:1], step_gflop=5.0)})
 
 
 def test_pool_benchmark_gives_each_side_its_own_pool(tmp_path, monkeypatch):

@@ -287,13 +287,36 @@ def run(model_name: str, batch: int, size: int, limit: int | None = None, kinds=
         }
     from tvm_rbn.schedules import SCHEDULE_VERSION
 
+    step_gflop = sum(geo.flops * count for geo, group in select(workloads, None) for _, count in group) / 1e9
     return {
         "model": model_name, "input_shape": [batch, 3, size, size], "dtype": "float32",
         "layers_selected": len(layers), "limit": limit, "schedules": SCHEDULE_VERSION,
         "machine": machine(), "timing": {"reps": reps, "warmup": 1, "lead_in": 1, "statistic": "median",
                                           "alternating": True},
         "build_s": build_s, "load_average": {"before": load_before, "after": os.getloadavg()},
-        "rows": rows, "summary": summary,
+        "rows": rows, "summary": summary, "headroom": headroom(rows, step_gflop),
+    }
+
+
+def headroom(rows: list[dict], step_gflop: float) -> dict:
+    """What the measured kernels leave to gain: per step (calls x median), our kernels against
+    the fastest side measured for each kernel's work. The oneDNN sides time the convolution
+    alone, so where one of them is fastest the figure is a bound no known kernel reaches with
+    the BatchNorm work included. `flop_share`: these rows' share of the step's convolution
+    FLOPs (1.0 when every layer was measured)."""
+    ours = sum(r["calls_per_step"] * r["median_ms"]["tvm_rbn"] for r in rows)
+    fastest = {}
+    best_ms = 0.0
+    for r in rows:
+        side = min(r["median_ms"], key=r["median_ms"].get)
+        fastest[side] = fastest.get(side, 0) + 1
+        best_ms += r["calls_per_step"] * r["median_ms"][side]
+    gflop = sum(r["calls_per_step"] * r["gflop"] for r in rows)
+    return {
+        "ours_ms": ours, "fastest_ms": best_ms, "gain_ms": ours - best_ms, "fastest_side_counts": fastest,
+        "gflop": gflop, "flop_share": gflop / step_gflop if step_gflop else None,
+        "gflops_ours": gflop / ours * 1e3 if ours else None,
+        "gflops_fastest": gflop / best_ms * 1e3 if best_ms else None,
     }
 
 
@@ -322,6 +345,12 @@ def format_summary(r: dict) -> str:
                      f"{s['geomean_vs_onednn_cl']:>13.2f}x{t['tvm_rbn']:>14.1f}{t['torch_unfused']:>9.1f}"
                      f"{t['onednn']:>9.1f}{t['onednn_cl']:>9.1f}{s['step_weighted_vs_torch_unfused']:>14.2f}x"
                      f"{s['step_weighted_vs_onednn_cl']:>10.2f}x")
+    h = r.get("headroom")
+    if h and h["ours_ms"]:
+        sides = ", ".join(f"{side} {n}" for side, n in sorted(h["fastest_side_counts"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"these {len(r['rows'])} kernels ({h['flop_share']:.0%} of the step's convolution FLOPs): ours "
+                     f"{h['ours_ms']:.1f} ms per step ({h['gflops_ours']:.0f} GFLOP/s), the fastest side of each "
+                     f"{h['fastest_ms']:.1f} ms ({h['gflops_fastest']:.0f} GFLOP/s; fastest: {sides})")
     return "\n".join(lines)
 
 
