@@ -48,6 +48,7 @@ class CountCopies(TorchDispatchMode):
         super().__init__()
         self.cats = 0
         self.copies = 0
+        self.zero_fills = 0  # activation-sized tensors filled with zeros (e.g. materialized gradients)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -61,7 +62,13 @@ class CountCopies(TorchDispatchMode):
                 self.cats += 1
             elif func.overloadpacket in (torch.ops.aten.copy_, torch.ops.aten.clone):
                 self.copies += 1
+            elif func.overloadpacket in ZERO_FILLS and (func.overloadpacket is not torch.ops.aten.fill_ or args[1] == 0):
+                self.zero_fills += 1
         return out
+
+
+ZERO_FILLS = (torch.ops.aten.fill_, torch.ops.aten.zero_, torch.ops.aten.zeros_like, torch.ops.aten.zeros,
+              torch.ops.aten.new_zeros)
 
 
 def _tiny_densenet():
@@ -78,11 +85,35 @@ def test_densenet_forward_and_backward_make_no_concatenation_copies():
     for label, m in (("eager", reference), ("restructured", model)):
         with CountCopies() as mode:
             m(x).sum().backward()
-        counts[label] = (mode.cats, mode.copies)
+        counts[label] = (mode.cats, mode.copies, mode.zero_fills)
     assert counts["eager"][0] == (2 + 1) + (3 + 1), counts  # one cat per layer and per block output
     # restructured: no concatenation; per block, one copy of its input into the block buffer
-    # (forward) and one of the incoming gradient into the gradient buffer (backward)
-    assert counts["restructured"] == (0, 2 * 2), counts
+    # (forward) and one of the incoming gradient into the gradient buffer (backward); no zero
+    # gradient materialized for the block's saved-only outputs (conv1's, one per layer)
+    assert counts["restructured"] == (0, 2 * 2, 0), counts
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert_close(p.grad, q.grad, f"gradient of {name}")
+
+
+def test_densenet_transition_pooling_before_its_conv():
+    """A transition that pools before its conv (BN-ReLU-pool-conv after a block's concatenation)
+    is no dense layer: the blocks stay fused, the transition takes the per-BatchNorm path."""
+    from tvm_rbn.models.densenet import Transition
+
+    torch.manual_seed(0)
+    reference = _tiny_densenet()
+    for t in (m for m in reference.modules() if isinstance(m, Transition)):
+        conv, pool = t.conv, t.pool
+        del t.conv, t.pool
+        t.add_module("pool", pool), t.add_module("conv", conv)
+    model = tvm_rbn.restructure(copy.deepcopy(reference))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with CountCopies() as mode:
+        out = model(x)
+    assert mode.cats == 0, "dense blocks not fused"
+    expected = reference(x)
+    assert_close(out, expected, "output")
+    out.sum().backward(), expected.sum().backward()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert_close(p.grad, q.grad, f"gradient of {name}")
 

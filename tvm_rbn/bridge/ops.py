@@ -447,12 +447,15 @@ torch.library.register_autograd(f"{_LIB}::bn_add_relu", _backward_add_relu, setu
 
 
 def _setup_maxpool(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # the tap output gets no gradient: no zeros of its size
     y, coeffs, relu, kernel, stride, padding = inputs
     ctx.save_for_backward(y, coeffs, output[1])
     ctx.conf = (relu, list(kernel), list(stride), list(padding))
 
 
 def _backward_maxpool(ctx, g, _g_tap):
+    if g is None:  # the pooled output reached no loss
+        return None, None, None, None, None, None
     y, coeffs, tap = ctx.saved_tensors
     relu, kernel, stride, padding = ctx.conf
     g_y, g_coeffs = torch.ops.tvm_rbn.bn_maxpool_backward(g.contiguous(), tap, y, coeffs, relu, kernel, stride,
