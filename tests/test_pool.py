@@ -1,6 +1,6 @@
-"""BatchNorm(+ReLU) fused into the max pool that reads it (a ResNet/DenseNet stem, VGG blocks):
-kernels against PyTorch's max pool, ties included, and restructured stems against the
-unchanged model."""
+"""BatchNorm(+ReLU) fused into the pool that reads it: the max pool of a ResNet/DenseNet stem or a
+VGG block (kernels against PyTorch's, ties included; restructured stems against the unchanged
+model) and the average pool of a DenseNet transition, whose 1x1 conv moves after the pool."""
 from __future__ import annotations
 
 import copy
@@ -130,3 +130,103 @@ def test_fused_pool_runs_under_torch_compile():
     assert_close(out, ref_out, "output under torch.compile")
     assert_close(model.bn1.weight.grad, ref_model.bn1.weight.grad, "stem BatchNorm's gamma gradient",
                  scale=max(1.0, float(ref_model.bn1.weight.grad.abs().max())))
+
+
+# (id, input shape, window): non-overlapping windows; odd planes lose their last rows/columns
+AVG_GEOMETRIES = [
+    ("2x2", (2, 5, 8, 8), (2, 2)),
+    ("2x2-odd-plane", (2, 3, 7, 9), (2, 2)),
+    ("3x2", (1, 3, 9, 7), (3, 2)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no-relu"])
+@pytest.mark.parametrize("geometry", AVG_GEOMETRIES, ids=[g[0] for g in AVG_GEOMETRIES])
+def test_kernels_match_pytorch_avg_pool(geometry, relu, dtype):
+    _, shape, window = geometry
+    y, co = _inputs(shape, dtype)
+    pooled = rbn.bn_relu_avgpool(y, co.scale, co.shift, window, relu)
+    expected = ref.bn_relu_avgpool(y, co.scale, co.shift, relu, window)
+    if window == (2, 2):  # grid values, a power-of-two divisor: exact either way
+        assert torch.equal(pooled, expected), (pooled - expected).abs().max()
+    assert_close(pooled, expected, "pooled")
+    dpool = torch.randn(pooled.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    got = rbn.bn_relu_avgpool_backward(dpool, y, co, window, relu)
+    expected = ref.bn_relu_avgpool_backward(dpool, y, co.scale, co.shift, co.mean, co.invstd, relu, window)
+    for name, a, b in zip(("grad_y", "tile_dbeta", "tile_dgamma"), got, expected):
+        assert_close(a, b, name, scale=max(1.0, float(dpool.abs().sum() / (shape[0] * shape[1]))))
+
+
+def test_bad_avg_pool_arguments_are_named():
+    y, co = _inputs((1, 2, 3, 6), torch.float32)
+    with pytest.raises(InputError, match="larger than the input"):
+        rbn.bn_relu_avgpool(y, co.scale, co.shift, 4)
+    pooled = rbn.bn_relu_avgpool(y, co.scale, co.shift, 2)
+    with pytest.raises(InputError, match="dpool"):
+        rbn.bn_relu_avgpool_backward(pooled[:, :, :, 1:], y, co, 2)
+
+
+class Transition(nn.Module):
+    """A dense block's end and a transition: conv, BN, ReLU, conv, pool, then a BN that reads
+    the pooled conv output (its statistics check the commuted conv's output)."""
+
+    def __init__(self, conv: nn.Conv2d | None, pool: nn.Module):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(8)
+        self.conv = conv or (lambda a: a)  # None: the pool reads the activation
+        self.pool = pool
+        self.norm_next = nn.BatchNorm2d(conv.out_channels if conv else 8)
+        with torch.no_grad():
+            self.norm.weight.uniform_(-1.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.norm_next(self.pool(self.conv(torch.relu(self.norm(self.conv0(x))))))
+
+
+TRANSITIONS = {
+    "1x1-2x2": (nn.Conv2d(8, 4, 1, bias=False), nn.AvgPool2d(2), "average-pool kernel of pool (one pass; conv moved"),
+    "1x1-bias-3x3": (nn.Conv2d(8, 4, 1), nn.AvgPool2d(3), "average-pool kernel of pool (one pass; conv moved"),
+    "3x3-conv-kept": (nn.Conv2d(8, 4, 3, padding=1, bias=False), nn.AvgPool2d(2), "prologue of conv"),
+    "overlapping-pool-kept": (nn.Conv2d(8, 4, 1, bias=False), nn.AvgPool2d(3, 2), "prologue of conv"),
+    "padded-pool-kept": (nn.Conv2d(8, 4, 1, bias=False), nn.AvgPool2d(2, padding=1), "prologue of conv"),
+    "pool-alone": (None, nn.AvgPool2d(2), "average-pool kernel of pool (one pass)"),
+}
+
+
+@pytest.mark.parametrize("case", TRANSITIONS, ids=list(TRANSITIONS))
+def test_restructured_transition_matches_pytorch_fp64(case):
+    conv, pool, apply = TRANSITIONS[case]
+    torch.manual_seed(0)
+    ref_model = Transition(copy.deepcopy(conv), copy.deepcopy(pool)).double().train()
+    model = tvm_rbn.restructure(copy.deepcopy(ref_model))
+    rows = {r.name: r for r in tvm_rbn.report(model)}
+    assert rows["norm"].apply.startswith(apply) and rows["norm"].fused == "full", rows["norm"]
+    x = torch.randn(3, 3, 13, 12, dtype=torch.float64)
+    for step in range(2):
+        outs = []
+        for m in (model, ref_model):
+            m.zero_grad()
+            out = m(x + step)
+            (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+            outs.append(out)
+        assert_close(outs[0], outs[1], f"step {step}: output")
+        for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            assert_close(p.grad, q.grad, f"step {step}: gradient of {name}", scale=max(1.0, float(q.grad.abs().max())))
+    for key, value in ref_model.state_dict().items():
+        assert_close(model.state_dict()[key].double(), value.double(), f"running statistics: {key}")
+
+
+def test_fused_avg_pool_runs_under_torch_compile():
+    torch.manual_seed(0)
+    ref_model = Transition(nn.Conv2d(8, 4, 1, bias=False), nn.AvgPool2d(2)).train()
+    model = torch.compile(tvm_rbn.restructure(copy.deepcopy(ref_model)))
+    x = torch.randn(2, 3, 16, 16)
+    out, ref_out = model(x), ref_model(x)
+    out.sum().backward()
+    ref_out.sum().backward()
+    assert_close(out, ref_out, "output under torch.compile")
+    assert_close(model.norm.weight.grad, ref_model.norm.weight.grad, "the BatchNorm's gamma gradient",
+                 scale=max(1.0, float(ref_model.norm.weight.grad.abs().max())))

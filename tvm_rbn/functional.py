@@ -419,6 +419,48 @@ def bn_relu_maxpool_backward(dpool, tap, x_raw, coeffs, kernel_size, stride=None
     return tuple(outs)
 
 
+def _checked_avgpool_kernel(x, kernel_size) -> tuple[int, int]:
+    window = check.pair(kernel_size, "kernel_size", 1)
+    if x.shape[2] < window[0] or x.shape[3] < window[1]:
+        raise check.InputError(f"average-pool kernel {window} is larger than the input {tuple(x.shape)}")
+    return window
+
+
+def bn_relu_avgpool(x, scale, shift, kernel_size, relu=True):
+    """avg_pool2d(relu(x*scale + shift), kernel_size) over non-overlapping windows (stride =
+    kernel, no padding, floor mode) in one pass, the applied activation never stored."""
+    x = check.tensor(x, "x", 4)
+    scale, shift = _channel_pair(scale, shift, x.shape[1])
+    dtype = check.same_dtype(x=x, scale=scale, shift=shift)
+    window = _checked_avgpool_kernel(x, kernel_size)
+    fn = kernel(KernelSpec.make("bn_relu_avgpool", shape=tuple(x.shape), dtype=check.dtype_name(dtype),
+                                relu=bool(relu), kernel=window))
+    pooled = buffers.empty_like(x, avgpool_output_shape(x.shape, window))
+    fn(x, scale, shift, pooled)
+    return pooled
+
+
+def avgpool_output_shape(shape, window) -> tuple:
+    return (shape[0], shape[1], shape[2] // window[0], shape[3] // window[1])
+
+
+def bn_relu_avgpool_backward(dpool, x_raw, coeffs, kernel_size, relu=True):
+    """Backward of ``bn_relu_avgpool`` in one pass over (dpool, x_raw): each window's gradient
+    spread over it, masked by the ReLU. coeffs: the BatchNorm's forward ``BNCoefficients``.
+    Returns (grad_y = scale*dz, tile_dbeta, tile_dgamma) as ``bn_relu_maxpool_backward``."""
+    x_raw = check.tensor(x_raw, "x_raw", 4)
+    dpool = check.tensor(dpool, "dpool", 4)
+    window = _checked_avgpool_kernel(x_raw, kernel_size)
+    check.shape(dpool, "dpool", avgpool_output_shape(x_raw.shape, window))
+    ct = _bn_forward_coeffs(coeffs, x_raw.shape[1])
+    dtype = check.same_dtype(dpool=dpool, x_raw=x_raw, **ct)
+    fn = kernel(KernelSpec.make("bn_relu_avgpool_backward", shape=tuple(x_raw.shape),
+                                dtype=check.dtype_name(dtype), relu=bool(relu), kernel=window))
+    outs = [buffers.empty_like(x_raw), x_raw.new_empty(x_raw.shape[:2]), x_raw.new_empty(x_raw.shape[:2])]
+    fn(dpool, x_raw, ct["scale"], ct["shift"], ct["mean"], ct["invstd"], *outs)
+    return tuple(outs)
+
+
 # ---------------------------------------------------------------------------------------------
 # Backward. See the "Backward" section of the module docstring for a worked chain.
 

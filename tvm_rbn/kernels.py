@@ -189,6 +189,18 @@ def _bn_relu_maxpool_backward(shape, dtype, relu, kernel, stride, padding):
     return bn_relu_maxpool_backward(tuple(shape), dtype, relu, tuple(kernel), tuple(stride), tuple(padding))
 
 
+def _bn_relu_avgpool(shape, dtype, relu, kernel):
+    from .ops.pool import bn_relu_avgpool
+
+    return bn_relu_avgpool(tuple(shape), dtype, relu, tuple(kernel))
+
+
+def _bn_relu_avgpool_backward(shape, dtype, relu, kernel):
+    from .ops.pool import bn_relu_avgpool_backward
+
+    return bn_relu_avgpool_backward(tuple(shape), dtype, relu, tuple(kernel))
+
+
 _BUILDERS: dict[str, Callable[..., list]] = {
     "conv2d_fused": _conv2d_fused,
     "bn_finalize": _bn_finalize,
@@ -205,4 +217,6 @@ _BUILDERS: dict[str, Callable[..., list]] = {
     "bn_add_relu_backward": _bn_add_relu_backward,
     "bn_relu_maxpool": _bn_relu_maxpool,
     "bn_relu_maxpool_backward": _bn_relu_maxpool_backward,
+    "bn_relu_avgpool": _bn_relu_avgpool,
+    "bn_relu_avgpool_backward": _bn_relu_avgpool_backward,
 }

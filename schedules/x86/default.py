@@ -17,7 +17,7 @@ from .backward import BACKWARD_TEMPLATES
 from .common import dtype_of as _dtype
 from .common import plane_reductions
 from .conv import ConvTemplate
-from .pool import MaxPoolTemplate
+from .pool import AvgPoolTemplate, MaxPoolTemplate
 from .residual import ResidualBackwardTemplate
 
 
@@ -98,5 +98,5 @@ def _is_spatial(sch: Schedule, block) -> bool:
     return all(iv.iter_type == IterVar.DataPar for iv in sch.get(block).iter_vars)
 
 
-DEFAULT_TEMPLATES = [ConvTemplate, *BACKWARD_TEMPLATES, ResidualBackwardTemplate, MaxPoolTemplate, PlaneStatsTemplate,
-                     ElementwiseTemplate]
+DEFAULT_TEMPLATES = [ConvTemplate, *BACKWARD_TEMPLATES, ResidualBackwardTemplate, MaxPoolTemplate, AvgPoolTemplate,
+                     PlaneStatsTemplate, ElementwiseTemplate]

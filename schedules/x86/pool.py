@@ -1,10 +1,11 @@
-"""Default x86 schedule of the BatchNorm(+ReLU) max pool (``tvm_rbn.ops.pool``).
+"""Default x86 schedules of the BatchNorm(+ReLU) max and average pools (``tvm_rbn.ops.pool``).
 
-Forward: one task per (n, c) plane (parallel): the task applies the BatchNorm(+ReLU) to its
-plane into a padded buffer (vectorized rows, in cache), then reduces each window in
+Max pool forward: one task per (n, c) plane (parallel): the task applies the BatchNorm(+ReLU)
+to its plane into a padded buffer (vectorized rows, in cache), then reduces each window in
 row-major order (the first maximum wins, as in PyTorch), unrolled, for a vector of output
-columns at a time. The backward has the
-residual backward's stages and takes its template (``residual.ResidualBackwardTemplate``).
+columns at a time. Average pool forward (non-overlapping windows: each input read once): the
+same tasks with the apply inlined into the window sum. The backwards have the residual
+backward's stages and take its template (``residual.ResidualBackwardTemplate``).
 """
 from __future__ import annotations
 
@@ -32,6 +33,32 @@ class MaxPoolTemplate:
         act = blocks["act_pad"]
         sch.compute_at(act, plane, preserve_unit_loops=True)
         cm.vectorize_inner(sch, act, lanes)
+        qo, qi = sch.split(q, [None, cm.largest_divisor(int(sch.get(q).extent), lanes)])
+        sch.reorder(p, qo, ri, rj, qi)
+        vector = int(sch.get(qi).extent) > 1
+        if vector:
+            sch.vectorize(qi)
+        init = sch.decompose_reduction(pool, ri)
+        sch.unroll(ri)
+        sch.unroll(rj)
+        if vector:
+            sch.vectorize(sch.get_loops(init)[-1])
+        return sch
+
+
+class AvgPoolTemplate:
+    """The forward average pool (stage ``avg_pool``); None for other kernels."""
+
+    @staticmethod
+    def apply(func, family: str):
+        sch = Schedule(func)
+        blocks = cm.blocks(sch)
+        if "avg_pool" not in blocks:
+            return None
+        pool = blocks["avg_pool"]
+        lanes = vector_lanes(family, cm.dtype_of(sch, pool))
+        n, c, p, q, ri, rj = sch.get_loops(pool)
+        sch.parallel(sch.fuse(n, c))
         qo, qi = sch.split(q, [None, cm.largest_divisor(int(sch.get(q).extent), lanes)])
         sch.reorder(p, qo, ri, rj, qi)
         vector = int(sch.get(qi).extent) > 1

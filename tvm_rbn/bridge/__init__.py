@@ -18,8 +18,8 @@ class BNReport:
     """One BatchNorm layer of the original model.
 
     fused: "full" (statistics in a convolution's epilogue, or shared block statistics, and
-    every apply inside a consumer's kernel: a conv prologue, the residual add+ReLU or the
-    stem's max pool),
+    every apply inside a consumer's kernel: a conv prologue, the residual add+ReLU, the
+    stem's max pool or a transition's average pool),
     "statistics" (the apply is a standalone kernel: the chain ends in a pool or the
     classifier), "apply" (standalone statistics: the input is no conv output), "none".
     """
@@ -34,7 +34,7 @@ class BNReport:
 
 
 _FUSED_STATS = ("epilogue of", "shared block statistics of")
-_FUSED_APPLY = ("prologue of", "add+ReLU kernel", "max-pool kernel")
+_FUSED_APPLY = ("prologue of", "add+ReLU kernel", "max-pool kernel", "average-pool kernel")
 
 
 def _fusion(d: BNDecision) -> str:

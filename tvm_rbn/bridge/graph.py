@@ -7,8 +7,10 @@ For every BatchNorm2d node:
   activation the BN output, or the ReLU that is its only user;
   consumers  each Conv2d reading the activation as its input takes (y, coeffs) and
              applies BN(+ReLU) in its prologue; a MaxPool2d (a stem's) becomes one fused
-             BN(+ReLU) + max-pool kernel; any other user reads one materialized activation
-             (standalone apply kernel).
+             BN(+ReLU) + max-pool kernel, and so does an AvgPool2d over non-overlapping
+             windows, also when it follows a 1x1 conv (a DenseNet transition: the conv moves
+             after the pool, which it commutes with, and does kh*kw times fewer FLOPs); any
+             other user reads one materialized activation (standalone apply kernel).
 
 BatchNorms named in `fallback` (measured slower than PyTorch at build time, or forced) stay
 unchanged PyTorch modules, like unsupported ones, and so does the conv that produces their
@@ -26,7 +28,7 @@ from torch import fx, nn
 from .. import _checks as check
 from .. import functional as rbn
 from .dense import SHARED_HOW, rewrite_dense_blocks
-from .modules import RBNBatchNorm2d, RBNConv2d, bn_add_relu, bn_apply, bn_maxpool
+from .modules import RBNBatchNorm2d, RBNConv2d, bn_add_relu, bn_apply, bn_avgpool, bn_maxpool
 
 
 @dataclass
@@ -205,12 +207,29 @@ def rewrite(gm: fx.GraphModule, prefix: str = "", fallback: dict[str, str] | Non
                 continue
             conv = _module(user, modules)
             pool = _fusable_maxpool(user, act, modules)
+            conv_pool = _conv_before_avgpool(user, act, modules)
             if pool is not None:
                 with graph.inserting_before(user):
                     new = graph.call_function(bn_maxpool, (y, coeffs, relu, *pool))
                 user.replace_all_uses_with(new)
                 graph.erase_node(user)
                 decision.apply.append(f"max-pool kernel of {prefix}{user.target} (one pass)")
+            elif conv_pool is not None:  # act -> 1x1 conv -> pool  becomes  act -> pool -> conv
+                pool_node, window = conv_pool
+                with graph.inserting_before(user):
+                    pooled = graph.call_function(bn_avgpool, (y, coeffs, relu, window))
+                    new = graph.call_module(user.target, (pooled,))
+                pool_node.replace_all_uses_with(new)
+                graph.erase_node(pool_node)
+                graph.erase_node(user)
+                decision.apply.append(f"average-pool kernel of {prefix}{pool_node.target} (one pass; "
+                                      f"{prefix}{user.target} moved after it)")
+            elif _avgpool_window(user, act, modules) is not None:
+                with graph.inserting_before(user):
+                    new = graph.call_function(bn_avgpool, (y, coeffs, relu, _avgpool_window(user, act, modules)))
+                user.replace_all_uses_with(new)
+                graph.erase_node(user)
+                decision.apply.append(f"average-pool kernel of {prefix}{user.target} (one pass)")
             elif user.op == "call_module" and user.target in pytorch_convs:
                 user.replace_input_with(act, _materialize(graph, act, act_info))
                 decision.apply.append(f"standalone for {prefix}{user.target} (left in PyTorch with its BatchNorm)")
@@ -246,6 +265,33 @@ def _fusable_maxpool(user: fx.Node, act: fx.Node, modules: dict):
             or any(2 * p > k for p, k in zip(geo["padding"], geo["kernel"]))):
         return None
     return tuple(list(geo[key]) for key in ("kernel", "stride", "padding"))
+
+
+def _avgpool_window(user: fx.Node, src: fx.Node, modules: dict):
+    """The window of an nn.AvgPool2d reading only `src` over non-overlapping windows (stride =
+    kernel, no padding, floor mode, the window's own divisor), as the fused kernel computes it;
+    else None."""
+    pool = _module(user, modules)
+    if type(pool) is not nn.AvgPool2d or user.args != (src,) or user.kwargs:
+        return None
+    geo = rbn.pool_geometry(pool.kernel_size, pool.stride, pool.padding)
+    if geo["stride"] != geo["kernel"] or geo["padding"] != (0, 0) or pool.ceil_mode or pool.divisor_override:
+        return None
+    return list(geo["kernel"])
+
+
+def _conv_before_avgpool(user: fx.Node, act: fx.Node, modules: dict):
+    """(pool node, window) when `user` is a 1x1 conv (stride 1, no padding) of the activation
+    alone whose only user is such an average pool. A 1x1 conv is a per-position linear map
+    and the pool a per-channel average over positions, so pool(conv(a)) = conv(pool(a)),
+    bias included; the conv then runs on kh*kw times fewer positions."""
+    conv = _module(user, modules)
+    if (type(conv) is not nn.Conv2d or user.args != (act,) or user.kwargs or tuple(conv.kernel_size) != (1, 1)
+            or tuple(conv.stride) != (1, 1) or conv.padding not in ((0, 0), "valid") or len(user.users) != 1):
+        return None
+    (pool_node,) = user.users
+    window = _avgpool_window(pool_node, user, modules)
+    return None if window is None else (pool_node, window)
 
 
 def _fuse_add_relu(graph: fx.Graph, add: fx.Node, act: fx.Node, residual, act_info: dict, decision: BNDecision,

@@ -21,6 +21,11 @@ def bn_maxpool(y: torch.Tensor, coeffs: torch.Tensor, relu: bool, kernel: list, 
     return torch.ops.tvm_rbn.bn_maxpool(y, coeffs, relu, kernel, stride, padding)[0]
 
 
+def bn_avgpool(y: torch.Tensor, coeffs: torch.Tensor, relu: bool, kernel: list) -> torch.Tensor:
+    """avg_pool2d(relu(BN(y)), kernel) over non-overlapping windows, the activation never stored."""
+    return torch.ops.tvm_rbn.bn_avgpool(y, coeffs, relu, kernel)
+
+
 def bn_add_relu(y: torch.Tensor, coeffs: torch.Tensor, other: torch.Tensor, coeffs_other) -> torch.Tensor:
     """relu(BN(y) + other), other a tensor (coeffs_other None) or a second BN's raw output."""
     return torch.ops.tvm_rbn.bn_add_relu(y, coeffs, other, coeffs_other)

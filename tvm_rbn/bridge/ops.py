@@ -14,6 +14,8 @@ compute relu(y*scale + shift), and reduce their BatchNorm gradient partials cent
                     one pass forward and one backward (masked gradient + both BNs' partials)
     bn_maxpool      max_pool2d(relu(bn(y))) (a stem), one pass forward (the pooled tensor and
                     each window's argmax tap) and one backward (scatter + ReLU mask + partials)
+    bn_avgpool      avg_pool2d(relu(bn(y))) over non-overlapping windows (a DenseNet
+                    transition, its 1x1 conv moved after the pool), one pass each way
 
 Gradient convention for ``coeffs`` (private to these ops, which are its only producers and
 consumers): the gradient a consumer returns for coeffs holds, in row 0, its part of
@@ -211,6 +213,18 @@ def _(y, coeffs, relu, kernel, stride, padding):
     return y.new_empty(shape), y.new_empty(shape, dtype=torch.int32)
 
 
+@torch.library.custom_op(f"{_LIB}::bn_avgpool", mutates_args=())
+def bn_avgpool(y: Tensor, coeffs: Tensor, relu: bool, kernel: list[int]) -> Tensor:
+    """avg_pool2d(relu(y*scale + shift), kernel) (stride = kernel, no padding, floor mode)."""
+    c = _coeffs(coeffs)
+    return rbn.bn_relu_avgpool(y.detach(), c.scale, c.shift, kernel, relu)
+
+
+@bn_avgpool.register_fake
+def _(y, coeffs, relu, kernel):
+    return y.new_empty(rbn.avgpool_output_shape(y.shape, kernel))
+
+
 # --- backward ops ------------------------------------------------------------------------------
 
 
@@ -297,6 +311,18 @@ def bn_maxpool_backward(grad: Tensor, tap: Tensor, y: Tensor, coeffs: Tensor, re
 
 @bn_maxpool_backward.register_fake
 def _(grad, tap, y, coeffs, relu, kernel, stride, padding):
+    return torch.empty_like(y), coeffs.new_empty(coeffs.shape)
+
+
+@torch.library.custom_op(f"{_LIB}::bn_avgpool_backward", mutates_args=())
+def bn_avgpool_backward(grad: Tensor, y: Tensor, coeffs: Tensor, relu: bool, kernel: list[int]) -> tuple[Tensor, Tensor]:
+    """Gradients of y (scale*dz) and of coeffs, from one pass over grad and y."""
+    g_y, tile_dbeta, tile_dgamma = rbn.bn_relu_avgpool_backward(grad, y, _coeffs(coeffs), kernel, relu)
+    return g_y, _grad_coeffs(tile_dgamma.sum(0), tile_dbeta.sum(0))
+
+
+@bn_avgpool_backward.register_fake
+def _(grad, y, coeffs, relu, kernel):
     return torch.empty_like(y), coeffs.new_empty(coeffs.shape)
 
 
@@ -465,3 +491,20 @@ def _backward_maxpool(ctx, g, _g_tap):
 
 
 torch.library.register_autograd(f"{_LIB}::bn_maxpool", _backward_maxpool, setup_context=_setup_maxpool)
+
+
+def _setup_avgpool(ctx, inputs, output):
+    y, coeffs, relu, kernel = inputs
+    ctx.save_for_backward(y, coeffs)
+    ctx.conf = (relu, list(kernel))
+
+
+def _backward_avgpool(ctx, g):
+    y, coeffs = ctx.saved_tensors
+    relu, kernel = ctx.conf
+    g_y, g_coeffs = torch.ops.tvm_rbn.bn_avgpool_backward(g.contiguous(), y, coeffs, relu, kernel)
+    need = ctx.needs_input_grad
+    return g_y if need[0] else None, g_coeffs if need[1] else None, None, None
+
+
+torch.library.register_autograd(f"{_LIB}::bn_avgpool", _backward_avgpool, setup_context=_setup_avgpool)

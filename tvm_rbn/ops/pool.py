@@ -29,6 +29,18 @@ Stage names: ``act_pad`` (the applied plane, -inf in the padding, so that paddin
 ``pool`` (forward); ``dpool_pad``, ``tap_pad``, ``dz``,
 ``grad_y``, ``tile_dbeta``, ``tile_dgamma`` (backward, the residual backward's names: the same
 template schedules both).
+
+The average pool over non-overlapping windows (kernel = stride, no padding, floor mode: a
+DenseNet transition's 2x2 pool, once the bridge has moved it before the transition's 1x1
+conv) reads the applied activation once, so nothing is staged::
+
+    pool[n, c, p, q] = sum_{i < kh, j < kw} relu(y*scale + shift)[n, c, p*kh + i, q*kw + j] / (kh*kw)
+    dz[n, c, h, w] = [a > 0] * dpool[n, c, h // kh, w // kw] / (kh*kw)     (0 in the rows and
+                     columns floor mode drops)
+
+Each term is scaled before the sum, exactly PyTorch's result for power-of-two windows (2x2).
+Stage names: ``avg_pool`` (forward, the applied activation inlined); ``dz``, ``grad_y``,
+``tile_dbeta``, ``tile_dgamma`` (backward, the residual backward's template again).
 """
 from __future__ import annotations
 
@@ -124,3 +136,55 @@ def bn_relu_maxpool_backward(shape: tuple[int, int, int, int], dtype: str, relu:
     dgamma = _plane_sum(shape, lambda b, k, i, j: dz[b, k, i, j] * ((y[b, k, i, j] - mean[k]) * invstd[k]),
                         "tile_dgamma")
     return [dpool, tap, y, scale, shift, mean, invstd, grad_y, dbeta, dgamma]
+
+
+def bn_relu_avgpool(shape: tuple[int, int, int, int], dtype: str, relu: bool, kernel: tuple[int, int]):
+    """Arguments: y, scale, shift, outputs pool (stride = kernel, no padding, floor mode)."""
+    n, c, h, w = shape
+    kh, kw = kernel
+    y = te.placeholder(shape, dtype, "y")
+    scale, shift = te.placeholder((c,), dtype, "scale"), te.placeholder((c,), dtype, "shift")
+    inv = tirx.const(1.0 / (kh * kw), dtype)
+    zero = tirx.const(0, dtype)
+    ri = te.reduce_axis((0, kh), "ri")
+    rj = te.reduce_axis((0, kw), "rj")
+
+    def f(b, k, i, j):
+        z = y[b, k, i * kh + ri, j * kw + rj] * scale[k] + shift[k]
+        return te.sum((te.max(z, zero) if relu else z) * inv, axis=[ri, rj])
+
+    pool = te.compute((n, c, h // kh, w // kw), f, name="avg_pool")
+    return [y, scale, shift, pool]
+
+
+def bn_relu_avgpool_backward(shape: tuple[int, int, int, int], dtype: str, relu: bool, kernel: tuple[int, int]):
+    """Arguments: dpool, y, scale, shift, mean, invstd, outputs grad_y, tile_dbeta, tile_dgamma.
+    ``shape`` is the pool input's (that of y)."""
+    n, c, h, w = shape
+    kh, kw = kernel
+    p, q = h // kh, w // kw
+    dpool = te.placeholder((n, c, p, q), dtype, "dpool")
+    y = te.placeholder(shape, dtype, "y")
+    scale, shift, mean, invstd = (te.placeholder((c,), dtype, name) for name in ("scale", "shift", "mean", "invstd"))
+    inv = tirx.const(1.0 / (kh * kw), dtype)
+    zero = tirx.const(0, dtype)
+
+    def dz_f(b, k, row, col):
+        # floor mode drops the last rows / columns when the kernel does not divide the plane;
+        # their index is clamped so that the load stays in bounds under either branch
+        g = dpool[b, k, te.min(row // kh, p - 1), te.min(col // kw, q - 1)] * inv
+        keep = []
+        if p * kh < h:
+            keep.append(row < p * kh)
+        if q * kw < w:
+            keep.append(col < q * kw)
+        if relu:
+            keep.append(y[b, k, row, col] * scale[k] + shift[k] > zero)
+        return tirx.Select(tirx.all(*keep), g, zero) if keep else g
+
+    dz = te.compute(shape, dz_f, name="dz")
+    grad_y = te.compute(shape, lambda b, k, i, j: scale[k] * dz[b, k, i, j], name="grad_y")
+    dbeta = _plane_sum(shape, lambda b, k, i, j: dz[b, k, i, j], "tile_dbeta")
+    dgamma = _plane_sum(shape, lambda b, k, i, j: dz[b, k, i, j] * ((y[b, k, i, j] - mean[k]) * invstd[k]),
+                        "tile_dgamma")
+    return [dpool, y, scale, shift, mean, invstd, grad_y, dbeta, dgamma]

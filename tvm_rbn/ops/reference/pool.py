@@ -1,4 +1,4 @@
-"""Reference for ``tvm_rbn.ops.pool``: PyTorch's max pool on the applied BatchNorm output."""
+"""Reference for ``tvm_rbn.ops.pool``: PyTorch's max and average pools on the applied BatchNorm output."""
 from __future__ import annotations
 
 import torch
@@ -28,6 +28,19 @@ def bn_relu_maxpool_backward(dpool, y, scale, shift, mean, invstd, relu, kernel,
     """Returns grad_y, tile_dbeta, tile_dgamma, from PyTorch's max-pool (and ReLU) backward."""
     a = prologue(y, scale, shift, relu).detach().requires_grad_(True)
     F.max_pool2d(a, kernel, stride, padding).backward(dpool)
+    dz = a.grad if not relu else torch.where(a > 0, a.grad, torch.zeros_like(a.grad))
+    c = lambda t: t[None, :, None, None]  # noqa: E731
+    return c(scale) * dz, dz.sum((2, 3)), (dz * (y - c(mean)) * c(invstd)).sum((2, 3))
+
+
+def bn_relu_avgpool(y, scale, shift, relu, kernel):
+    return F.avg_pool2d(prologue(y, scale, shift, relu), kernel, kernel)
+
+
+def bn_relu_avgpool_backward(dpool, y, scale, shift, mean, invstd, relu, kernel):
+    """Returns grad_y, tile_dbeta, tile_dgamma, from PyTorch's average-pool (and ReLU) backward."""
+    a = prologue(y, scale, shift, relu).detach().requires_grad_(True)
+    F.avg_pool2d(a, kernel, kernel).backward(dpool)
     dz = a.grad if not relu else torch.where(a > 0, a.grad, torch.zeros_like(a.grad))
     c = lambda t: t[None, :, None, None]  # noqa: E731
     return c(scale) * dz, dz.sum((2, 3)), (dz * (y - c(mean)) * c(invstd)).sum((2, 3))
