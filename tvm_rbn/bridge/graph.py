@@ -208,6 +208,7 @@ def rewrite(gm: fx.GraphModule, prefix: str = "", fallback: dict[str, str] | Non
             conv = _module(user, modules)
             pool = _fusable_maxpool(user, act, modules)
             conv_pool = _conv_before_avgpool(user, act, modules)
+            avg_window = _avgpool_window(user, act, modules)
             if pool is not None:
                 with graph.inserting_before(user):
                     new = graph.call_function(bn_maxpool, (y, coeffs, relu, *pool))
@@ -224,9 +225,9 @@ def rewrite(gm: fx.GraphModule, prefix: str = "", fallback: dict[str, str] | Non
                 graph.erase_node(user)
                 decision.apply.append(f"average-pool kernel of {prefix}{pool_node.target} (one pass; "
                                       f"{prefix}{user.target} moved after it)")
-            elif _avgpool_window(user, act, modules) is not None:
+            elif avg_window is not None:
                 with graph.inserting_before(user):
-                    new = graph.call_function(bn_avgpool, (y, coeffs, relu, _avgpool_window(user, act, modules)))
+                    new = graph.call_function(bn_avgpool, (y, coeffs, relu, avg_window))
                 user.replace_all_uses_with(new)
                 graph.erase_node(user)
                 decision.apply.append(f"average-pool kernel of {prefix}{user.target} (one pass)")
