@@ -96,15 +96,8 @@ POOLS = {
 }
 
 
-@pytest.mark.parametrize("pool", POOLS, ids=list(POOLS))
-def test_restructured_stem_matches_pytorch_fp64(pool):
-    module, relu, apply = POOLS[pool]
-    torch.manual_seed(0)
-    ref_model = Stem(copy.deepcopy(module), relu).double().train()
-    model = tvm_rbn.restructure(copy.deepcopy(ref_model))
-    rows = {r.name: r for r in tvm_rbn.report(model)}
-    assert rows["bn1"].apply.startswith(apply), rows["bn1"]
-    x = torch.randn(3, 3, 15, 17, dtype=torch.float64)
+def _train_against_pytorch(model, ref_model, x):
+    """Two training steps of both models: outputs, every gradient, the running statistics."""
     for step in range(2):
         outs = []
         for m in (model, ref_model):
@@ -119,17 +112,32 @@ def test_restructured_stem_matches_pytorch_fp64(pool):
         assert_close(model.state_dict()[key].double(), value.double(), f"running statistics: {key}")
 
 
-def test_fused_pool_runs_under_torch_compile():
-    torch.manual_seed(0)
-    ref_model = Stem(nn.MaxPool2d(3, 2, 1)).train()
+def _compiled_against_pytorch(ref_model, bn_name: str):
+    """The restructured model under torch.compile: output and the BatchNorm's gamma gradient."""
     model = torch.compile(tvm_rbn.restructure(copy.deepcopy(ref_model)))
     x = torch.randn(2, 3, 16, 16)
     out, ref_out = model(x), ref_model(x)
     out.sum().backward()
     ref_out.sum().backward()
     assert_close(out, ref_out, "output under torch.compile")
-    assert_close(model.bn1.weight.grad, ref_model.bn1.weight.grad, "stem BatchNorm's gamma gradient",
-                 scale=max(1.0, float(ref_model.bn1.weight.grad.abs().max())))
+    grad, ref_grad = (m.get_submodule(bn_name).weight.grad for m in (model, ref_model))
+    assert_close(grad, ref_grad, f"{bn_name}'s gamma gradient", scale=max(1.0, float(ref_grad.abs().max())))
+
+
+@pytest.mark.parametrize("pool", POOLS, ids=list(POOLS))
+def test_restructured_stem_matches_pytorch_fp64(pool):
+    module, relu, apply = POOLS[pool]
+    torch.manual_seed(0)
+    ref_model = Stem(copy.deepcopy(module), relu).double().train()
+    model = tvm_rbn.restructure(copy.deepcopy(ref_model))
+    rows = {r.name: r for r in tvm_rbn.report(model)}
+    assert rows["bn1"].apply.startswith(apply), rows["bn1"]
+    _train_against_pytorch(model, ref_model, torch.randn(3, 3, 15, 17, dtype=torch.float64))
+
+
+def test_fused_pool_runs_under_torch_compile():
+    torch.manual_seed(0)
+    _compiled_against_pytorch(Stem(nn.MaxPool2d(3, 2, 1)).train(), "bn1")
 
 
 # (id, input shape, window): non-overlapping windows; odd planes lose their last rows/columns
@@ -204,29 +212,9 @@ def test_restructured_transition_matches_pytorch_fp64(case):
     model = tvm_rbn.restructure(copy.deepcopy(ref_model))
     rows = {r.name: r for r in tvm_rbn.report(model)}
     assert rows["norm"].apply.startswith(apply) and rows["norm"].fused == "full", rows["norm"]
-    x = torch.randn(3, 3, 13, 12, dtype=torch.float64)
-    for step in range(2):
-        outs = []
-        for m in (model, ref_model):
-            m.zero_grad()
-            out = m(x + step)
-            (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
-            outs.append(out)
-        assert_close(outs[0], outs[1], f"step {step}: output")
-        for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
-            assert_close(p.grad, q.grad, f"step {step}: gradient of {name}", scale=max(1.0, float(q.grad.abs().max())))
-    for key, value in ref_model.state_dict().items():
-        assert_close(model.state_dict()[key].double(), value.double(), f"running statistics: {key}")
+    _train_against_pytorch(model, ref_model, torch.randn(3, 3, 13, 12, dtype=torch.float64))
 
 
 def test_fused_avg_pool_runs_under_torch_compile():
     torch.manual_seed(0)
-    ref_model = Transition(nn.Conv2d(8, 4, 1, bias=False), nn.AvgPool2d(2)).train()
-    model = torch.compile(tvm_rbn.restructure(copy.deepcopy(ref_model)))
-    x = torch.randn(2, 3, 16, 16)
-    out, ref_out = model(x), ref_model(x)
-    out.sum().backward()
-    ref_out.sum().backward()
-    assert_close(out, ref_out, "output under torch.compile")
-    assert_close(model.norm.weight.grad, ref_model.norm.weight.grad, "the BatchNorm's gamma gradient",
-                 scale=max(1.0, float(ref_model.norm.weight.grad.abs().max())))
+    _compiled_against_pytorch(Transition(nn.Conv2d(8, 4, 1, bias=False), nn.AvgPool2d(2)).train(), "norm")

@@ -16,8 +16,31 @@ from tvm_rbn.build.target import vector_lanes
 from . import common as cm
 
 
+def _schedule_windows(sch: Schedule, pool, lanes: int, staged=None) -> Schedule:
+    """One task per (n, c) plane (parallel); per output row, a vector of output columns at a
+    time reduces its windows, unrolled. `staged`: a stage formed per plane first, in cache."""
+    n, c, p, q, ri, rj = sch.get_loops(pool)
+    plane = sch.fuse(n, c)
+    sch.parallel(plane)
+    if staged is not None:
+        sch.compute_at(staged, plane, preserve_unit_loops=True)
+        cm.vectorize_inner(sch, staged, lanes)
+    qo, qi = sch.split(q, [None, cm.largest_divisor(int(sch.get(q).extent), lanes)])
+    sch.reorder(p, qo, ri, rj, qi)
+    vector = int(sch.get(qi).extent) > 1
+    if vector:
+        sch.vectorize(qi)
+    init = sch.decompose_reduction(pool, ri)
+    sch.unroll(ri)
+    sch.unroll(rj)
+    if vector:
+        sch.vectorize(sch.get_loops(init)[-1])
+    return sch
+
+
 class MaxPoolTemplate:
-    """The forward max pool (stage ``pool``); None for other kernels."""
+    """The forward max pool (stage ``pool``, the applied plane ``act_pad`` staged per task);
+    None for other kernels."""
 
     @staticmethod
     def apply(func, family: str):
@@ -25,29 +48,13 @@ class MaxPoolTemplate:
         blocks = cm.blocks(sch)
         if "pool" not in blocks:
             return None
-        pool = blocks["pool"]
-        lanes = vector_lanes(family, cm.dtype_of(sch, pool))
-        n, c, p, q, ri, rj = sch.get_loops(pool)
-        plane = sch.fuse(n, c)
-        sch.parallel(plane)
-        act = blocks["act_pad"]
-        sch.compute_at(act, plane, preserve_unit_loops=True)
-        cm.vectorize_inner(sch, act, lanes)
-        qo, qi = sch.split(q, [None, cm.largest_divisor(int(sch.get(q).extent), lanes)])
-        sch.reorder(p, qo, ri, rj, qi)
-        vector = int(sch.get(qi).extent) > 1
-        if vector:
-            sch.vectorize(qi)
-        init = sch.decompose_reduction(pool, ri)
-        sch.unroll(ri)
-        sch.unroll(rj)
-        if vector:
-            sch.vectorize(sch.get_loops(init)[-1])
-        return sch
+        lanes = vector_lanes(family, cm.dtype_of(sch, blocks["pool"]))
+        return _schedule_windows(sch, blocks["pool"], lanes, staged=blocks["act_pad"])
 
 
 class AvgPoolTemplate:
-    """The forward average pool (stage ``avg_pool``); None for other kernels."""
+    """The forward average pool (stage ``avg_pool``, the apply inlined: non-overlapping windows
+    read each input once); None for other kernels."""
 
     @staticmethod
     def apply(func, family: str):
@@ -55,18 +62,4 @@ class AvgPoolTemplate:
         blocks = cm.blocks(sch)
         if "avg_pool" not in blocks:
             return None
-        pool = blocks["avg_pool"]
-        lanes = vector_lanes(family, cm.dtype_of(sch, pool))
-        n, c, p, q, ri, rj = sch.get_loops(pool)
-        sch.parallel(sch.fuse(n, c))
-        qo, qi = sch.split(q, [None, cm.largest_divisor(int(sch.get(q).extent), lanes)])
-        sch.reorder(p, qo, ri, rj, qi)
-        vector = int(sch.get(qi).extent) > 1
-        if vector:
-            sch.vectorize(qi)
-        init = sch.decompose_reduction(pool, ri)
-        sch.unroll(ri)
-        sch.unroll(rj)
-        if vector:
-            sch.vectorize(sch.get_loops(init)[-1])
-        return sch
+        return _schedule_windows(sch, blocks["avg_pool"], vector_lanes(family, cm.dtype_of(sch, blocks["avg_pool"])))
