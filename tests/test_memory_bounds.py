@@ -42,6 +42,21 @@ def _stem_pool(at):
     rbn.bn_relu_maxpool_backward(guarded(dpool, at), guarded(tap, at), guarded(y, at), co, 3, 2, 1)
 
 
+def _transition_pool(at):
+    """A DenseNet transition's average pool on a plane that 2x2 windows do not divide (floor
+    mode drops the last row and column: the backward must not read a pooled row past the end),
+    row sizes of 16 floats so the pooled gradient ends at the guard."""
+    import tvm_rbn.functional as rbn
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(1, 2, 33, 33, generator=g)
+    co = rbn.BNCoefficients(torch.rand(2, generator=g) + 0.5, torch.randn(2, generator=g),
+                            torch.randn(2, generator=g), torch.rand(2, generator=g) + 0.5)
+    pooled = rbn.bn_relu_avgpool(guarded(y, at), guarded(co.scale, at), guarded(co.shift, at), 2)
+    dpool = torch.randn(pooled.shape, generator=g)
+    rbn.bn_relu_avgpool_backward(guarded(dpool, at), guarded(y, at), co, 2)
+
+
 def _residual(at):
     import tvm_rbn.functional as rbn
 
@@ -87,7 +102,8 @@ def _guarded_training_steps():
     assert buffers.pooled_bytes()["idle"] + buffers.pooled_bytes()["in_use"] > 0
 
 
-CASES = {"stem-max-pool": _stem_pool, "residual-end": _residual, "conv-3x3-s2-p1": _conv_3x3_s2}
+CASES = {"stem-max-pool": _stem_pool, "transition-avg-pool": _transition_pool, "residual-end": _residual,
+         "conv-3x3-s2-p1": _conv_3x3_s2}
 
 
 def _run_child(call: str, what: str, **env) -> None:

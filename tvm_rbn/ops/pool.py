@@ -36,11 +36,11 @@ conv) reads the applied activation once, so nothing is staged::
 
     pool[n, c, p, q] = sum_{i < kh, j < kw} relu(y*scale + shift)[n, c, p*kh + i, q*kw + j] / (kh*kw)
     dz[n, c, h, w] = [a > 0] * dpool[n, c, h // kh, w // kw] / (kh*kw)     (0 in the rows and
-                     columns floor mode drops)
+                     columns floor mode drops: read from the zero border of ``dpool_pad``)
 
 Each term is scaled before the sum, exactly PyTorch's result for power-of-two windows (2x2).
-Stage names: ``avg_pool`` (forward, the applied activation inlined); ``dz``, ``grad_y``,
-``tile_dbeta``, ``tile_dgamma`` (backward, the residual backward's template again).
+Stage names: ``avg_pool`` (forward, the applied activation inlined); [``dpool_pad``], ``dz``,
+``grad_y``, ``tile_dbeta``, ``tile_dgamma`` (backward, the residual backward's template again).
 """
 from __future__ import annotations
 
@@ -169,18 +169,17 @@ def bn_relu_avgpool_backward(shape: tuple[int, int, int, int], dtype: str, relu:
     inv = tirx.const(1.0 / (kh * kw), dtype)
     zero = tirx.const(0, dtype)
 
+    # floor mode leaves the last rows / columns outside every window when the kernel does not
+    # divide the plane: they read a zero border of a padded copy (``dpool_pad``, the max
+    # pool's), so every load is in bounds and no condition guards one
+    rows, cols = DgradLayout(h, p, kh, kh, 0), DgradLayout(w, q, kw, kw, 0)
+    source = dpool if (rows.padded, cols.padded) == (p, q) else grad_pad(dpool, rows, cols, name="dpool_pad")
+
     def dz_f(b, k, row, col):
-        # floor mode drops the last rows / columns when the kernel does not divide the plane;
-        # their index is clamped so that the load stays in bounds under either branch
-        g = dpool[b, k, te.min(row // kh, p - 1), te.min(col // kw, q - 1)] * inv
-        keep = []
-        if p * kh < h:
-            keep.append(row < p * kh)
-        if q * kw < w:
-            keep.append(col < q * kw)
-        if relu:
-            keep.append(y[b, k, row, col] * scale[k] + shift[k] > zero)
-        return tirx.Select(tirx.all(*keep), g, zero) if keep else g
+        g = source[b, k, rows.grad_index(row, 0), cols.grad_index(col, 0)] * inv
+        if not relu:
+            return g
+        return tirx.Select(y[b, k, row, col] * scale[k] + shift[k] > zero, g, zero)
 
     dz = te.compute(shape, dz_f, name="dz")
     grad_y = te.compute(shape, lambda b, k, i, j: scale[k] * dz[b, k, i, j], name="grad_y")
