@@ -62,7 +62,8 @@ class CountCopies(TorchDispatchMode):
                 self.cats += 1
             elif func.overloadpacket in (torch.ops.aten.copy_, torch.ops.aten.clone):
                 self.copies += 1
-            elif func.overloadpacket in ZERO_FILLS and (func.overloadpacket is not torch.ops.aten.fill_ or args[1] == 0):
+            elif func.overloadpacket in ZERO_FILLS and (func.overloadpacket is not torch.ops.aten.fill_
+                                                        or args[1] == 0):
                 self.zero_fills += 1
         return out
 

@@ -315,7 +315,8 @@ def _(grad, tap, y, coeffs, relu, kernel, stride, padding):
 
 
 @torch.library.custom_op(f"{_LIB}::bn_avgpool_backward", mutates_args=())
-def bn_avgpool_backward(grad: Tensor, y: Tensor, coeffs: Tensor, relu: bool, kernel: list[int]) -> tuple[Tensor, Tensor]:
+def bn_avgpool_backward(grad: Tensor, y: Tensor, coeffs: Tensor, relu: bool,
+                        kernel: list[int]) -> tuple[Tensor, Tensor]:
     """Gradients of y (scale*dz) and of coeffs, from one pass over grad and y."""
     g_y, tile_dbeta, tile_dgamma = rbn.bn_relu_avgpool_backward(grad, y, _coeffs(coeffs), kernel, relu)
     return g_y, _grad_coeffs(tile_dgamma.sum(0), tile_dbeta.sum(0))

@@ -124,6 +124,15 @@ def bn_relu_maxpool_backward(shape: tuple[int, int, int, int], dtype: str, relu:
                 total = total + tirx.Select(hit, dpool_pad[at], zero)
         return total
 
+    return [dpool, tap, y, scale, shift, mean, invstd, *_masked_backward(gathered, y, scale, shift, mean, invstd, relu)]
+
+
+def _masked_backward(gathered, y, scale, shift, mean, invstd, relu: bool) -> list:
+    """Stages ``dz`` (the pooled gradient reaching each input position, `gathered`, masked by
+    the ReLU), ``grad_y`` = scale*dz and the BatchNorm partials ``tile_dbeta``, ``tile_dgamma``."""
+    shape = tuple(int(d) for d in y.shape)
+    zero = tirx.const(0, y.dtype)
+
     def dz_f(b, k, row, col):
         g = gathered(b, k, row, col)
         if not relu:
@@ -135,7 +144,7 @@ def bn_relu_maxpool_backward(shape: tuple[int, int, int, int], dtype: str, relu:
     dbeta = _plane_sum(shape, lambda b, k, i, j: dz[b, k, i, j], "tile_dbeta")
     dgamma = _plane_sum(shape, lambda b, k, i, j: dz[b, k, i, j] * ((y[b, k, i, j] - mean[k]) * invstd[k]),
                         "tile_dgamma")
-    return [dpool, tap, y, scale, shift, mean, invstd, grad_y, dbeta, dgamma]
+    return [grad_y, dbeta, dgamma]
 
 
 def bn_relu_avgpool(shape: tuple[int, int, int, int], dtype: str, relu: bool, kernel: tuple[int, int]):
@@ -167,7 +176,6 @@ def bn_relu_avgpool_backward(shape: tuple[int, int, int, int], dtype: str, relu:
     y = te.placeholder(shape, dtype, "y")
     scale, shift, mean, invstd = (te.placeholder((c,), dtype, name) for name in ("scale", "shift", "mean", "invstd"))
     inv = tirx.const(1.0 / (kh * kw), dtype)
-    zero = tirx.const(0, dtype)
 
     # floor mode leaves the last rows / columns outside every window when the kernel does not
     # divide the plane: they read a zero border of a padded copy (``dpool_pad``, the max
@@ -175,15 +183,7 @@ def bn_relu_avgpool_backward(shape: tuple[int, int, int, int], dtype: str, relu:
     rows, cols = DgradLayout(h, p, kh, kh, 0), DgradLayout(w, q, kw, kw, 0)
     source = dpool if (rows.padded, cols.padded) == (p, q) else grad_pad(dpool, rows, cols, name="dpool_pad")
 
-    def dz_f(b, k, row, col):
-        g = source[b, k, rows.grad_index(row, 0), cols.grad_index(col, 0)] * inv
-        if not relu:
-            return g
-        return tirx.Select(y[b, k, row, col] * scale[k] + shift[k] > zero, g, zero)
+    def gathered(b, k, row, col):
+        return source[b, k, rows.grad_index(row, 0), cols.grad_index(col, 0)] * inv
 
-    dz = te.compute(shape, dz_f, name="dz")
-    grad_y = te.compute(shape, lambda b, k, i, j: scale[k] * dz[b, k, i, j], name="grad_y")
-    dbeta = _plane_sum(shape, lambda b, k, i, j: dz[b, k, i, j], "tile_dbeta")
-    dgamma = _plane_sum(shape, lambda b, k, i, j: dz[b, k, i, j] * ((y[b, k, i, j] - mean[k]) * invstd[k]),
-                        "tile_dgamma")
-    return [dpool, y, scale, shift, mean, invstd, grad_y, dbeta, dgamma]
+    return [dpool, y, scale, shift, mean, invstd, *_masked_backward(gathered, y, scale, shift, mean, invstd, relu)]
