@@ -386,7 +386,7 @@ def plot(r: dict, path: str | Path) -> Path:
     return path
 
 
-def main(argv=None, prog=None) -> None:
+def main(argv=None, prog=None) -> dict:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--batch", type=int, default=16)
@@ -410,6 +410,7 @@ def main(argv=None, prog=None) -> None:
     out = Path(a.out or f"out/layers_{a.model}_b{a.batch}_{a.size}.json")
     print(f"saved {save_json(out, r)}")
     print(f"saved {plot(r, a.plot or out.with_suffix('.png'))}")
+    return r
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ def plot(results: list[dict], path: Path) -> Path:
     return path
 
 
-def main(argv=None, prog=None) -> int:
+def main(argv=None, prog=None) -> dict:
     from ..models import MODELS
     from . import traffic
 
@@ -206,7 +206,7 @@ def main(argv=None, prog=None) -> int:
     out = Path(a.out)
     print(f"saved {save_json(out.with_suffix('.json'), payload)}")
     print(f"saved {plot(results, out.with_suffix('.png'))}")
-    return 0
+    return payload
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Printed as tables; saved as OUT_step.json/.png and OUT_layers_<model>.json/.png.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -44,15 +43,13 @@ def main(argv=None, prog=None) -> int:
     common = ["--batch", str(a.batch), "--size", str(a.size)]
     step_args = ["--model", *a.model, *common, "--steps", str(a.steps), "--warmup", str(a.warmup),
                  "--out", f"{a.out}_step"]
-    step.main(step_args + (["--no-compile"] if a.no_compile else []) + ([] if a.no_memory else ["--memory"]))
+    steps = step.main(step_args + (["--no-compile"] if a.no_compile else []) + ([] if a.no_memory else ["--memory"]))
     if not a.no_layers:
-        for name in a.model:
-            layers.main(["--model", name, *common, "--reps", str(a.reps), "--out", f"{a.out}_layers_{name}.json"]
-                        + (["--limit", str(a.layers)] if a.layers else []))
+        layer_runs = [layers.main(["--model", name, *common, "--reps", str(a.reps), "--out",
+                                   f"{a.out}_layers_{name}.json"] + (["--limit", str(a.layers)] if a.layers else []))
+                      for name in a.model]
         if not a.layers:
-            steps = json.loads(Path(f"{a.out}_step.json").read_text())["results"]
-            layer_runs = [json.loads(Path(f"{a.out}_layers_{name}.json").read_text()) for name in a.model]
-            rows = [where_time_goes(s, lr) for s, lr in zip(steps, layer_runs)]
+            rows = [where_time_goes(s, lr) for s, lr in zip(steps["results"], layer_runs)]
             print(format_where_time_goes(rows))
             print(f"saved {save_json(Path(f'{a.out}_headroom.json'), {'models': rows})}")
     return 0

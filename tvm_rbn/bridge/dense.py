@@ -399,11 +399,11 @@ def _match_layer(inp: fx.Node, modules: dict, calls: dict, is_relu, conv_unsuppo
             if kind == "bn" and type(mod) is not nn.BatchNorm2d:
                 return None
             if kind == "conv":
-                if not isinstance(mod, nn.Conv2d):  # e.g. a pool after a block's last BN-ReLU
+                if conv_unsupported(mod):  # first: it also refuses what is no Conv2d (a pool)
                     return None
                 r, s = mod.kernel_size
-                if (conv_unsupported(mod) or mod.bias is not None or tuple(mod.stride) != (1, 1) or r % 2 == 0
-                        or s % 2 == 0 or tuple(mod.padding) != ((r - 1) // 2, (s - 1) // 2)):
+                if (mod.bias is not None or tuple(mod.stride) != (1, 1) or r % 2 == 0 or s % 2 == 0
+                        or tuple(mod.padding) != ((r - 1) // 2, (s - 1) // 2)):
                     return None
         nodes.append(nxt)
         node = nxt

@@ -24,13 +24,19 @@ def bn_relu_maxpool(y, scale, shift, relu, kernel, stride, padding):
     return pool, _taps(indices, y.shape, kernel, stride, padding)
 
 
-def bn_relu_maxpool_backward(dpool, y, scale, shift, mean, invstd, relu, kernel, stride, padding):
-    """Returns grad_y, tile_dbeta, tile_dgamma, from PyTorch's max-pool (and ReLU) backward."""
+def _pool_backward(pool, dpool, y, scale, shift, mean, invstd, relu):
+    """grad_y, tile_dbeta, tile_dgamma from PyTorch's backward of `pool` (and the ReLU)."""
     a = prologue(y, scale, shift, relu).detach().requires_grad_(True)
-    F.max_pool2d(a, kernel, stride, padding).backward(dpool)
+    pool(a).backward(dpool)
     dz = a.grad if not relu else torch.where(a > 0, a.grad, torch.zeros_like(a.grad))
     c = lambda t: t[None, :, None, None]  # noqa: E731
     return c(scale) * dz, dz.sum((2, 3)), (dz * (y - c(mean)) * c(invstd)).sum((2, 3))
+
+
+def bn_relu_maxpool_backward(dpool, y, scale, shift, mean, invstd, relu, kernel, stride, padding):
+    """Returns grad_y, tile_dbeta, tile_dgamma, from PyTorch's max-pool (and ReLU) backward."""
+    return _pool_backward(lambda a: F.max_pool2d(a, kernel, stride, padding), dpool, y, scale, shift, mean, invstd,
+                          relu)
 
 
 def bn_relu_avgpool(y, scale, shift, relu, kernel):
@@ -39,8 +45,4 @@ def bn_relu_avgpool(y, scale, shift, relu, kernel):
 
 def bn_relu_avgpool_backward(dpool, y, scale, shift, mean, invstd, relu, kernel):
     """Returns grad_y, tile_dbeta, tile_dgamma, from PyTorch's average-pool (and ReLU) backward."""
-    a = prologue(y, scale, shift, relu).detach().requires_grad_(True)
-    F.avg_pool2d(a, kernel, kernel).backward(dpool)
-    dz = a.grad if not relu else torch.where(a > 0, a.grad, torch.zeros_like(a.grad))
-    c = lambda t: t[None, :, None, None]  # noqa: E731
-    return c(scale) * dz, dz.sum((2, 3)), (dz * (y - c(mean)) * c(invstd)).sum((2, 3))
+    return _pool_backward(lambda a: F.avg_pool2d(a, kernel, kernel), dpool, y, scale, shift, mean, invstd, relu)
