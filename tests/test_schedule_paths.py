@@ -181,7 +181,8 @@ def test_wgrad_gradient_operand_placement(r, stride, h, tmp_path):
     """With input channels as lanes the weight gradient forms its gradient operand (the grad
     prologue) per image inside each parallel task; with output channels as lanes it packs it
     once per call. Both give the reference dw, with one k tile per task and with two, with the
-    register tile reduced row by row and over whole planes."""
+    register tile reduced row by row and over whole planes, and with the activation operand
+    formed per c tile inside the task (``tile_prologue``) or once per call."""
     pytest.importorskip("tvm")
     import tvm
     from tvm import te
@@ -206,19 +207,93 @@ def test_wgrad_gradient_operand_placement(r, stride, h, tmp_path):
     x_raw = torch.randn(n, c, h, h)
     co = _coeffs(c, torch.float32)
     ref = ref_convb.conv2d_wgrad(grad, x_raw, co.scale, co.shift, (r, r), stride, padding, True)
-    for axis, k_tiles, plane in [*itertools.product(("c", "k"), (1, 2), (False,)), ("c", 2, True), ("k", 1, True)]:
-        knobs = replace(next(kn for kn in candidates if kn.vector_axis == axis), k_tiles=k_tiles, plane=plane)
+    assert any(kn.tile_prologue for kn in candidates if kn.vector_axis == "k"), "no formed activation per c tile"
+    settings = [*itertools.product(("c", "k"), (1, 2), (False,), (False,)), ("c", 2, True, False),
+                ("k", 1, True, False), ("c", 1, False, True), ("k", 2, False, True), ("k", 1, True, True)]
+    for axis, k_tiles, plane, tile_prologue in settings:
+        knobs = replace(next(kn for kn in candidates if kn.vector_axis == axis), k_tiles=k_tiles, plane=plane,
+                        tile_prologue=tile_prologue)
         sch = bw.schedule_wgrad(Schedule(func), family, knobs)
         task = sch.get(sch.get_loops(sch.get_sblock("wgrad_update"))[0])
         in_task = sch.get(sch.get_loops(sch.get_sblock("grad"))[0]).same_as(task)
         assert in_task == (axis == "c"), f"{knobs}: gradient formed {'in' if in_task else 'outside'} the task"
+        act_in_task = sch.get(sch.get_loops(sch.get_sblock("pad"))[0]).same_as(task)
+        assert act_in_task == tile_prologue, f"{knobs}: activation formed {'in' if act_in_task else 'outside'} the task"
         lib = tvm.compile(tvm.IRModule({"k": sch.mod["main"].with_attr("global_symbol", "k")}),
                           target=host_tvm_target())
-        path = tmp_path / f"wgrad_{axis}_{k_tiles}_{plane}.so"
+        path = tmp_path / f"wgrad_{axis}_{k_tiles}_{plane}_{tile_prologue}.so"
         lib.export_library(str(path))
         dw = torch.zeros(k, c, r, r)
         load_module(path)["k"](grad.dz, grad.x, grad.c1, grad.c2, grad.c3, x_raw, co.scale, co.shift, dw)
         assert_close(dw, ref, f"dw, {knobs}", scale=max(1.0, float(ref.abs().max())))
+
+
+@pytest.mark.parametrize("prologue_relu", [True, None], ids=["bn-relu-input", "plain-input"])
+def test_wgrad_1x1_default_forms_its_activation_per_c_tile(prologue_relu):
+    """A 1x1 weight gradient that reduces channels and recomputes its input from the previous
+    BatchNorm (DenseNet's block buffers) forms that input per c tile inside the task, with
+    all of K in one task, so the input is read once and no NCHW copy goes to memory; one that
+    reads its input as is has nothing to form."""
+    pytest.importorskip("tvm")
+    from tvm.s_tir import Schedule
+
+    from tvm_rbn.kernels import KernelSpec
+    from tvm_rbn.schedules.x86 import backward as bw
+
+    spec = KernelSpec.make("conv2d_wgrad", n=16, c=992, h=14, w=14, k=128, r=1, s=1, stride=(1, 1),
+                           padding=(0, 0), dtype="float32", grad_prologue=True, prologue_relu=prologue_relu)
+    shape = bw.wgrad_shape(Schedule(spec.prim_func()), "x86-avx512")
+    knobs = bw.default_wgrad_knobs(shape, cores=2)
+    assert shape.formed == (prologue_relu is not None)
+    assert knobs.vector_axis == "k", knobs
+    assert knobs.tile_prologue == shape.formed, knobs
+    assert (knobs.k_tiles * knobs.k_block == shape.k) == shape.formed, knobs
+    tasks = shape.k // (knobs.k_tiles * knobs.k_block) * shape.c // knobs.c_task
+    assert tasks >= 4, f"{tasks} tasks for 2 cores: {knobs}"
+    in_task = {kn.tile_prologue for kn in bw.wgrad_knob_candidates(shape) if kn.vector_axis == "k"}
+    assert in_task == ({False, True} if shape.formed else {False}), in_task
+
+
+def test_class_setting_refitted_to_a_members_channels(tmp_path):
+    """A structure class is tuned as its largest member; another member's input channels may
+    not divide the tuned blocks (densenet121's 14x14 1x1 class at C 992, c_task 248; C 512).
+    The build refits those blocks (the largest divisors at most as large as tuned) instead of
+    dropping the tuned setting for the default one, and the kernel stays exact."""
+    pytest.importorskip("tvm")
+    import tvm
+
+    from tvm_rbn.build.target import host_family, host_tvm_target
+    from tvm_rbn.kernels import KernelSpec
+    from tvm_rbn.runtime import load_module
+    from tvm_rbn.schedules.x86.space import apply_knobs, knobs_of
+
+    family = host_family()
+    n, c, h, k = 2, 96, 4, 32
+    spec = KernelSpec.make("conv2d_wgrad", n=n, c=c, h=h, w=h, k=k, r=1, s=1, stride=(1, 1), padding=(0, 0),
+                           dtype="float32", grad_prologue=True, prologue_relu=True)
+    tuned = {"template": "wgrad", "knobs": {"vector_axis": "k", "k_block": 16, "c_block": 8, "c_task": 64,
+                                            "k_tiles": 2, "tile_prologue": True}}
+    func = spec.prim_func().with_attr("global_symbol", "k")
+    assert apply_knobs(func, family, tuned) is None, "c_task 64 does not divide 96: refused unless refitted"
+    sch = apply_knobs(func, family, tuned, fit=True)
+    assert sch is not None
+    assert knobs_of(sch.trace)["knobs"] == {**tuned["knobs"], "c_task": 48, "image_major": True, "plane": False}
+    path = tmp_path / "member.so"
+    tvm.compile(tvm.IRModule({"k": sch.mod["main"]}), target=host_tvm_target()).export_library(str(path))
+    torch.manual_seed(0)
+    grad = rbn.DeferredGrad(torch.randn(n, k, h, h), torch.randn(n, k, h, h), torch.rand(k) + 0.5,
+                            torch.randn(k) * 0.1, torch.randn(k))
+    x_raw, co = torch.randn(n, c, h, h), _coeffs(c, torch.float32)
+    dw = torch.zeros(k, c, 1, 1)
+    load_module(path)["k"](grad.dz, grad.x, grad.c1, grad.c2, grad.c3, x_raw, co.scale, co.shift, dw)
+    ref = ref_convb.conv2d_wgrad(grad, x_raw, co.scale, co.shift, (1, 1), (1, 1), (0, 0), True)
+    assert_close(dw, ref, "dw with the refitted class setting", scale=max(1.0, float(ref.abs().max())))
+
+    conv = KernelSpec.make("conv2d_fused", n=n, c=c, h=h, w=h, k=k, r=1, s=1, stride=(1, 1), padding=(0, 0),
+                           dtype="float32", prologue_relu=True, stats=True).prim_func()
+    tuned_conv = {"template": "conv", "knobs": {"oc_block": 32, "ow_block": 4, "ic_block": 64, "ic_chunks": 1}}
+    assert apply_knobs(conv, family, tuned_conv) is None
+    assert knobs_of(apply_knobs(conv, family, tuned_conv, fit=True).trace)["knobs"]["ic_block"] == 48
 
 
 PACKING_STAGES = ("pad", "grad_pad", "grad", "grad_global", "w_global")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, replace
 
+from tvm import DataType
 from tvm.s_tir import Schedule
 from tvm.tirx import IterVar
 
@@ -28,6 +29,11 @@ K_BLOCK_SHORT, K_BLOCK_LONG, PACK_INTENSITY = 8, 64, 256
 # channel; measured on AVX-512, resnet50's 14x14 1x1 256<-1024: 6.8 -> 4.0 ms, 7x7 512<-2048:
 # 5.8 -> 4.0 ms (at 28x28 and for 3x3 taps the blocked packing stays faster)
 SMALL_PLANE = 14 * 14
+# a weight gradient's default task takes all of K when one image's packed gradient for it fits
+# in this many bytes (half a Zen 4 core's L2): each c tile re-reads it. densenet121's 14x14 and
+# 28x28 1x1 layers (100 and 400 KB) gained 10-50%; at 56x56 (1.6 MB) the smaller block buffers
+# lost up to 1.37x against k tasks of 32 channels (56x56 1x1 64->128: 8.8 -> 12.1 ms)
+GRAD_IMAGE_BYTES = 512 * 1024
 
 
 def _dtype(sch: Schedule, block) -> str:
@@ -160,6 +166,12 @@ def default_dgrad_knobs(shape: DgradShape, cores: int | None = None) -> DgradKno
     rows_u = -(-shape.h // shape.row_stride)
     rows = 1 if tasks >= MIN_TASKS else cm.largest_divisor(rows_u, -(-MIN_TASKS // tasks))
     return DgradKnobs(cb, ub, kb, per_image=False, row_tasks=rows, skip_border=skip)
+
+
+def fit_dgrad_knobs(kn: DgradKnobs, c: int) -> DgradKnobs:
+    """A class member's setting for C input channels (the data gradient's outputs): ``ic_block``
+    the largest divisor of C at most as large as tuned."""
+    return replace(kn, ic_block=cm.largest_divisor(c, kn.ic_block))
 
 
 def dgrad_knob_candidates(shape: DgradShape) -> list[DgradKnobs]:
@@ -332,6 +344,16 @@ class WgradKnobs:
         the tile). The order is then image-major whatever image_major says, and a task's k
         tiles take turns per plane instead of per row (strided layers with several k tiles
         lose: resnet50's 14x14 3x3 stride-2 512, 19.4 -> 28.6 ms), so it is tuned.
+    tile_prologue: the activation operand (input prologue, zero padding) is formed per (image,
+        c tile) inside the task, just before the tile's reduction reads it from cache, instead
+        of once per call into a whole NCHW (or packed) copy that is written to memory and read
+        back by every k task. With output channels as lanes, only where there is something to
+        form (``WgradShape.formed``); with input channels as lanes the packed copy is formed.
+        On densenet121's 1x1 block-buffer layers, with all of K in one task (``k_tiles``) so
+        the input is read once: 14x14 992->128 9.9 -> 4.6 ms (oneDNN channels-last 4.6 ms),
+        28x28 256->128 5.9 -> 5.2 ms. A task per k block forms it again: with input channels as
+        lanes and k blocks of 8, resnet50's 14x14 1x1 256->1024 went 8.0 -> 16.7 ms; on 3x3
+        layers it wins or loses by plane size. So it is tuned.
     """
 
     vector_axis: str
@@ -341,6 +363,7 @@ class WgradKnobs:
     image_major: bool = True  # reduction order (n, c tile, p, q), else (n, p, c tile, q)
     k_tiles: int = 1
     plane: bool = False
+    tile_prologue: bool = False
 
 
 @dataclass(frozen=True)
@@ -356,6 +379,8 @@ class WgradShape:
     w_pad: int
     lanes: int
     accumulators: int = 28  # vector registers the register tile may use (conv.accumulator_registers)
+    formed: bool = True  # the activation operand is a stage of its own (prologue or padding)
+    itemsize: int = 4
 
     @property
     def stride(self) -> tuple[int, int]:
@@ -372,8 +397,10 @@ def wgrad_shape(sch: Schedule, family: str) -> WgradShape:
     wgrad = B["wgrad"]
     k, c, r, s, n, p, q = cm.extents(sch, sch.get_loops(wgrad))
     hp, wp = (int(d) for d in sch.get(B["pad"]).writes[0].source.shape[2:])
-    return WgradShape(k, c, r, s, n, p, q, hp, wp, vector_lanes(family, cm.dtype_of(sch, wgrad)),
-                      accumulator_registers(family))
+    formed = "act" in B or not cm.is_identity_pad(sch, B["pad"])
+    dtype = cm.dtype_of(sch, wgrad)
+    return WgradShape(k, c, r, s, n, p, q, hp, wp, vector_lanes(family, dtype), accumulator_registers(family), formed,
+                      DataType(dtype).bits // 8)
 
 
 def default_wgrad_knobs(shape: WgradShape, cores: int | None = None) -> WgradKnobs:
@@ -401,6 +428,12 @@ def default_wgrad_knobs(shape: WgradShape, cores: int | None = None) -> WgradKno
                   cm.largest_divisor(shape.k, 2 * lanes))
         vec = cm.vector_count(kb, lanes)
         cb = cm.largest_divisor(shape.c, max(1, (acc - 4) // (vec * shape.s)))
+        grad_image = shape.k * shape.p * shape.q * shape.itemsize
+        if shape.formed and (shape.r, shape.s) == (1, 1) and grad_image <= GRAD_IMAGE_BYTES:
+            # a 1x1 layer's formed activation: per c tile inside the task, all of K per task
+            # (its input read once; see WgradKnobs.tile_prologue)
+            return _split_c_tasks(WgradKnobs(axis, kb, cb, shape.c, k_tiles=shape.k // kb, tile_prologue=True),
+                                  shape, 1, cores)
         k_tasks = shape.k // kb
     else:
         cb = next((b for b in (2 * lanes, lanes) if shape.c % b == 0), cm.largest_divisor(shape.c, 2 * lanes))
@@ -409,10 +442,24 @@ def default_wgrad_knobs(shape: WgradShape, cores: int | None = None) -> WgradKno
         # spill, 85 ms; x 4 rows, 17 ms)
         kb = cm.largest_divisor(shape.k, min(8, acc // vec))
         k_tasks = shape.k // kb
-    c_task = shape.c
-    while k_tasks * (shape.c // c_task) < 4 * cores and c_task % (2 * cb) == 0:
+    return _split_c_tasks(WgradKnobs(axis, kb, cb, shape.c), shape, k_tasks, cores)
+
+
+def _split_c_tasks(kn: WgradKnobs, shape: WgradShape, k_tasks: int, cores: int) -> WgradKnobs:
+    """Halve c_task until there are 4 tasks per core (or it no longer halves into c blocks)."""
+    c_task = kn.c_task
+    while k_tasks * (shape.c // c_task) < 4 * cores and c_task % (2 * kn.c_block) == 0:
         c_task //= 2
-    return WgradKnobs(axis, kb, cb, c_task)
+    return replace(kn, c_task=c_task)
+
+
+def fit_wgrad_knobs(kn: WgradKnobs, c: int) -> WgradKnobs:
+    """A class member's setting for C input channels: ``c_block`` the largest divisor of C at
+    most as large as tuned, ``c_task`` the largest multiple of it dividing C at most as large
+    as tuned (densenet121's 14x14 class, tuned at C 992 with c_task 248: C 512 gets 128)."""
+    cb = cm.largest_divisor(c, kn.c_block)
+    tiles = cm.largest_divisor(c // cb, max(1, kn.c_task // cb))
+    return replace(kn, c_block=cb, c_task=cb * tiles)
 
 
 def wgrad_tile_registers(kn: WgradKnobs, shape: WgradShape) -> int:
@@ -455,6 +502,11 @@ def wgrad_knob_candidates(shape: WgradShape) -> list[WgradKnobs]:
     # ms, the best of 34 weight gradients in the Zen 4 batch of tuning_logs/README.md)
     planes = [replace(kn, plane=True) for kn in out if kn.image_major]
     out += [kn for kn in planes if kn not in out]
+    # each setting with its activation operand formed the other way (per c tile, or once per
+    # call): with input channels as lanes it is always a packed copy; as broadcast scalars, a
+    # stage only with a prologue or padding
+    twins = [replace(kn, tile_prologue=not kn.tile_prologue) for kn in out if shape.formed or kn.vector_axis == "c"]
+    out += [kn for kn in twins if kn not in out]
     return out
 
 
@@ -530,13 +582,20 @@ def schedule_wgrad(sch: Schedule, family: str, knobs: WgradKnobs | None = None) 
         if "act" not in B and cm.is_identity_pad(sch, pad):
             # the input itself is the broadcast operand: no copy of it
             sch.compute_inline(pad)
+        elif kn.tile_prologue:
+            # the c tile's planes of one image, formed inside the task where the tile's
+            # reduction reads them (L1/L2-resident), instead of a whole NCHW copy written
+            # and read back
+            sch.compute_at(pad, c_tile, preserve_unit_loops=True)
+            sch.fuse(*cm.loops_under(sch, pad, c_tile)[-2:])
+            _vectorize_inner(sch, pad, lanes)
         else:
             # activation (prologue, zero padding) in NCHW, read as broadcast scalars
             _schedule_spatial_root(sch, pad, lanes)
     else:
         # activation -> [n, c//cb, y, x, c%cb]; the gradient is read as broadcast scalars
         sch.transform_layout(pad, ("write", 0), lambda n_, c_, y_, x_: (n_, c_ // cb, y_, x_, c_ % cb))
-        cm.pack_channel_blocks(sch, pad, cb)
+        cm.pack_channel_blocks(sch, pad, cb, task=c_tile if kn.tile_prologue else None)
         if "grad" in B:
             sch.compute_at(B["grad"], rn, preserve_unit_loops=True)  # loops (k, p, q) under rn
             sch.fuse(*sch.get_loops(B["grad"])[-2:])  # vectors run over the plane, not one row

@@ -131,6 +131,13 @@ class ConvKnobs:
         return asdict(self)
 
 
+def fit_conv_knobs(kn: ConvKnobs, c: int) -> ConvKnobs:
+    """A class member's setting for C input channels: ``ic_block`` and ``ic_chunks`` at most as
+    large as tuned, divisors of C and of its blocks."""
+    ib = cm.largest_divisor(c, kn.ic_block)
+    return replace(kn, ic_block=ib, ic_chunks=cm.largest_divisor(c // ib, kn.ic_chunks))
+
+
 def conv_shape(sch: Schedule, family: str, block_name: str = "conv") -> ConvShape:
     conv = cm.blocks(sch)[block_name]
     n, k, p, q, c, r, s = cm.extents(sch, sch.get_loops(conv))

@@ -37,12 +37,16 @@ class KnobTemplate:
     shape: Callable
     candidates: Callable
     knobs: type
+    fit: Callable  # (knobs, input channels) -> the setting for a class member with those channels
 
 
 KNOB_TEMPLATES = {
-    "conv": KnobTemplate("conv", cv.ConvTemplate, cv.conv_shape, cv.knob_candidates, cv.ConvKnobs),
-    "dgrad": KnobTemplate("dgrad", bw.DgradTemplate, bw.dgrad_shape, bw.dgrad_knob_candidates, bw.DgradKnobs),
-    "wgrad": KnobTemplate("wgrad", bw.WgradTemplate, bw.wgrad_shape, bw.wgrad_knob_candidates, bw.WgradKnobs),
+    "conv": KnobTemplate("conv", cv.ConvTemplate, cv.conv_shape, cv.knob_candidates, cv.ConvKnobs,
+                         cv.fit_conv_knobs),
+    "dgrad": KnobTemplate("dgrad", bw.DgradTemplate, bw.dgrad_shape, bw.dgrad_knob_candidates, bw.DgradKnobs,
+                          bw.fit_dgrad_knobs),
+    "wgrad": KnobTemplate("wgrad", bw.WgradTemplate, bw.wgrad_shape, bw.wgrad_knob_candidates, bw.WgradKnobs,
+                          bw.fit_wgrad_knobs),
 }
 
 
@@ -94,16 +98,31 @@ def design_spaces(func, family: str, klass: str | None = None, limit: int | None
     return out
 
 
-def apply_knobs(func, family: str, annotation: dict) -> Schedule | None:
-    """The kernel scheduled with another kernel's knob setting; None when it does not fit."""
+def apply_knobs(func, family: str, annotation: dict, fit: bool = False) -> Schedule | None:
+    """The kernel scheduled with another kernel's knob setting; None when it does not fit.
+
+    fit: the setting was tuned on another member of the kernel's structure class (equal but
+    for the input channels C): blocks of C that do not divide this kernel's are refitted
+    (``KnobTemplate.fit``) instead of the setting being refused. Without it, densenet121's
+    block-buffer kernels, tuned as the class's largest C, mostly fell back to default knobs.
+    """
     kt = KNOB_TEMPLATES.get(annotation.get("template"))
     if kt is None or template_of(func) is not kt:
         return None
     try:
         knobs = kt.knobs(**annotation["knobs"])
-        sch = kt.template.apply(func, family, knobs)
-    except (TypeError, ValueError):
+    except TypeError:
         return None
+    try:
+        sch = kt.template.apply(func, family, knobs)
+    except ValueError:
+        if not fit:
+            return None
+        knobs = kt.fit(knobs, kt.shape(Schedule(func), family).c)
+        try:
+            sch = kt.template.apply(func, family, knobs)
+        except ValueError:
+            return None
     if sch is None:
         return None
     return annotated(sch, kt.name, knobs, annotation.get("class"), annotation.get("batch"))

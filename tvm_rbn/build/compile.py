@@ -45,7 +45,7 @@ def lower_spec(spec: KernelSpec, family: str, database=None, target=None):
             return restore_untraced(sch.mod["main"]).with_attr("global_symbol", spec.symbol), "tuned"
         knobs = class_knobs(database).get(structure_class(spec))
         if knobs is not None:
-            sch = apply_knobs(func, family, knobs)
+            sch = apply_knobs(func, family, knobs, fit=True)
             if sch is not None:
                 return sch.mod["main"].with_attr("global_symbol", spec.symbol), "class"
     return default_schedule(func, family).mod["main"].with_attr("global_symbol", spec.symbol), None
