@@ -347,8 +347,9 @@ class WgradKnobs:
     tile_prologue: the activation operand (input prologue, zero padding) is formed per (image,
         c tile) inside the task, just before the tile's reduction reads it from cache, instead
         of once per call into a whole NCHW (or packed) copy that is written to memory and read
-        back by every k task. With output channels as lanes, only where there is something to
-        form (``WgradShape.formed``); with input channels as lanes the packed copy is formed.
+        back by every k task. With output channels as lanes it applies only where there is
+        something to form (``WgradShape.formed``; elsewhere the input itself is read and the
+        knob changes nothing); with input channels as lanes the packed copy is formed.
         On densenet121's 1x1 block-buffer layers, with all of K in one task (``k_tiles``) so
         the input is read once: 14x14 992->128 9.9 -> 4.6 ms (oneDNN channels-last 4.6 ms),
         28x28 256->128 5.9 -> 5.2 ms. A task per k block forms it again: with input channels as
