@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+import tvm_ffi
 
 import tvm_rbn
 from tvm_rbn.build.compile import compile_library
@@ -40,7 +41,12 @@ def tuned_folder(tmp_path_factory):
 
 
 def test_tune_then_build_applies_the_records(tuned_folder, tmp_path):
-    assert records.validate(tuned_folder, host_family()) == 3  # the default template's + 2 trials
+    lines = (tuned_folder / records.RECORDS).read_text().splitlines()
+    db = records.load(tuned_folder, host_family())
+    spec_records = [rec for rec in db.get_all_tuning_records()
+                    if tvm_ffi.structural_equal(rec.workload.mod, workload_mod(SPEC))]
+    assert len(spec_records) == 3  # the default template's + 2 trials (the sibling's: its own test)
+    assert records.validate(tuned_folder, host_family()) == len(lines)
     from tvm_rbn.tuning.tune import REPEATS
 
     repeats = [json.loads(line)[1][1] for line in (tuned_folder / records.RECORDS).read_text().splitlines()]
@@ -69,10 +75,35 @@ def test_records_carry_their_knobs_and_a_sibling_builds_from_them(tuned_folder, 
     annotations = [knobs_of(rec.trace) for rec in db.get_all_tuning_records()]
     assert all(a is not None and a["template"] == "conv" for a in annotations), annotations
     assert {a["class"] for a in annotations} == {structure_class(SPEC)} == {structure_class(SIBLING)}
-    assert len({json.dumps(a["knobs"], sort_keys=True) for a in annotations}) == 3, "a setting was measured twice"
+    for spec in (SPEC, SIBLING):
+        mod = workload_mod(spec)
+        mine = [knobs_of(rec.trace) for rec in db.get_all_tuning_records()
+                if tvm_ffi.structural_equal(rec.workload.mod, mod)]
+        assert len({json.dumps(a["knobs"], sort_keys=True) for a in mine}) == len(mine), f"measured twice: {mine}"
     manifest = compile_library([SIBLING], tmp_path, tuning_logs=tuned_folder)
-    assert manifest["kernels"][0]["schedule"] == "class"
-    _check_prologue_conv(KernelLibrary(tmp_path).function(SIBLING.symbol), 16, "kernel built from its class's knobs")
+    assert manifest["kernels"][0]["schedule"] == "tuned"
+    _check_prologue_conv(KernelLibrary(tmp_path).function(SIBLING.symbol), 16, "kernel built from its own records")
+
+
+def test_a_class_member_is_measured_with_the_class_best_and_its_default(tuned_folder):
+    """The sibling was not a tuning task: after the search it was measured with its class's
+    best setting (refitted to its channels) and with its own default, in the run's batch, and
+    a rerun measures nothing more for it; the build takes its faster record."""
+    from tvm_rbn.schedules import design_spaces
+    from tvm_rbn.schedules.x86.space import apply_knobs, knob_key, knobs_of
+    from tvm_rbn.tuning.tune import _member_seeds
+
+    family = host_family()
+    db = records.load(tuned_folder, family)
+    mine = records.measured_by_workload(db)[tvm_ffi.structural_hash(workload_mod(SIBLING))]
+    member = workload_mod(SIBLING)["main"]
+    head_best = knobs_of(records.best_record(db, workload_mod(SPEC)).trace)
+    fitted = knobs_of(apply_knobs(member, family, head_best, fit=True).trace)
+    default = knobs_of(design_spaces(member, family, limit=1)[0].trace)
+    assert {knob_key(knobs_of(rec.trace)) for _, rec in mine} == {knob_key(fitted), knob_key(default)}
+    assert len({knobs_of(rec.trace)["batch"] for _, rec in mine}) == 1, "the settings were timed in one batch"
+    assert knob_key(knobs_of(records.best_record(db, workload_mod(SIBLING)).trace)) == knob_key(knobs_of(mine[0][1].trace))
+    assert _member_seeds(db, [(SPEC, 1.0), (SIBLING, 0.5)], host_family(), "later") == []
 
 
 def test_search_proposals_of_measured_settings_are_dropped():
@@ -205,12 +236,13 @@ def test_resume_carries_the_best_setting_into_each_value_of_a_newer_knob(tmp_pat
 
     spec = OPS["wgrad"]
     folder = tmp_path / host_family()
-    tune_specs([(spec, 1.0)], folder, trials=1, trials_per_batch=1)
-    # a run from before k_tiles existed: its records had one k tile (the trial may have drawn
-    # another value; such a record could not exist then, so it goes)
+    # the default setting alone (the clock stops the search before any trial: a trial drawn
+    # at random could be a tile that takes no other k_tiles value, and nothing would carry)
+    tune_specs([(spec, 1.0)], folder, trials=1, trials_per_batch=1, seconds=1e-3)
+    # a run from before k_tiles existed: its records had one k tile
     lines = (folder / records.RECORDS).read_text().splitlines()
     older = [re.sub(r'\\*"k_tiles\\*": 1, ', "", line) for line in lines if re.search(r'k_tiles\\*": 1, ', line)]
-    assert older, f"no record has k_tiles 1 to strip: {lines}"
+    assert len(older) == len(lines) == 1, f"the default's record, with k_tiles 1 to strip: {lines}"
     assert not any("k_tiles" in line for line in older), "a record's annotation kept its k_tiles"
     (folder / records.RECORDS).write_text("".join(line + "\n" for line in older))
     older_best = knob_key(knobs_of(records.best_record(records.load(folder, host_family()), workload_mod(spec)).trace))
@@ -277,7 +309,7 @@ def test_remeasure_ranks_the_fastest_recorded_settings_by_new_times(tuned_folder
     assert len(ranked) == 3, "the fixture should hold three measured settings"
     default = knob_key(knobs_of(design_spaces(workload_mod(SPEC)["main"], host_family(), limit=1)[0].trace))
     fastest = sorted({knob_key(knobs_of(rec.trace)) for _, rec in ranked[:2]} | {default})
-    report = tune_specs([(SPEC, 1.0)], folder, trials=len(lines_before), remeasure=2)
+    report = tune_specs([(SPEC, 1.0)], folder, trials=len(ranked), remeasure=2)  # no trials left to search
     assert (report.trials, report.seeds) == (0, len(fastest)), report
     lines_after = (folder / records.RECORDS).read_text().splitlines()
     assert lines_after[:len(lines_before)] == lines_before, "a record was changed or lost"
@@ -448,9 +480,10 @@ def test_cuda_search_space_yields_kernels_that_compile(op):
     assert compiled, f"no valid CUDA schedule sampled for {op}"
 
 
-def test_slice_reading_kernels_tune_on_whole_tensors_and_build_from_their_class(tmp_path):
+def test_slice_reading_kernels_tune_on_whole_tensors_and_build_from_their_records(tmp_path):
     """DenseNet's block-buffer kernels read and write channel slices, which MetaSchedule's
-    runner cannot allocate: their class is tuned on whole tensors, every trial measured."""
+    runner cannot allocate: they are tuned on whole tensors, every trial measured, and built
+    from the records of their whole-tensor twin."""
     from tvm_rbn.build.workloads import extract
     from tvm_rbn.models import MODELS
 
@@ -463,4 +496,4 @@ def test_slice_reading_kernels_tune_on_whole_tensors_and_build_from_their_class(
     secs = [records.record_secs(rec) for rec in db.get_all_tuning_records()]
     assert secs and all(s is not None for s in secs), f"a trial failed to build or run: {secs}"
     manifest = compile_library([sliced], tmp_path, tuning_logs=folder)
-    assert manifest["kernels"][0]["schedule"] == "class"
+    assert manifest["kernels"][0]["schedule"] == "tuned"

@@ -41,3 +41,13 @@ def structure_class(spec: KernelSpec) -> str:
     for varying in ("c", "views"):
         d.pop(varying, None)
     return json.dumps(d, sort_keys=True)
+
+
+def without_views(spec: KernelSpec) -> KernelSpec:
+    """The kernel on whole tensors instead of channel slices of a block buffer: measurable by
+    MetaSchedule's runner (which allocates each argument as a dense tensor) and of the same
+    structure class. Records are kept and looked up under it: a slice-reading kernel is built
+    with the knob setting measured on its whole-tensor twin."""
+    if "views" not in spec.kwargs:
+        return spec
+    return KernelSpec.make(spec.op, **{k: v for k, v in spec.kwargs.items() if k != "views"})

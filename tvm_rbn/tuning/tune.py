@@ -20,8 +20,9 @@ x86: the search space is the designed templates' knob settings (``schedules/x86/
 searched by MetaSchedule's evolutionary search with its XGBoost cost model. Kernels of the
 same structure (``structure_class``: equal but for their input channels and channel-slice
 views) are tuned once, as the class's heaviest kernel (on whole tensors: ``without_views``)
-with the class's summed weight; the build gives the others the best setting found
-(``build.compile``). CUDA: MetaSchedule's own
+with the class's summed weight; then each other member is measured with the class's best
+setting (refitted to its channels) and with its default (``_member_seeds``), and the build
+gives it the faster (``build.compile``). CUDA: MetaSchedule's own
 rule-based space, every kernel a task.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 from ..build.target import host_cores, host_family
 from ..kernels import KernelSpec
 from . import records
-from .tasks import flops, is_tunable, structure_class, workload_mod
+from .tasks import flops, is_tunable, structure_class, without_views, workload_mod
 
 
 @dataclass
@@ -48,11 +49,12 @@ class TuningReport:
     seconds: float
     per_task: list[dict] = field(default_factory=list)
     seeds: int = 0  # settings measured before the search (new defaults, carried settings)
+    member_settings: int = 0  # settings measured on class members after it (``_member_seeds``)
 
     @property
     def seconds_per_trial(self) -> float:
         """Wall time per measurement, the search's trials and the seeds together."""
-        n = self.trials + self.seeds
+        n = self.trials + self.seeds + self.member_settings
         return self.seconds / n if n else float("nan")
 
 
@@ -248,11 +250,18 @@ def tune_specs(
             weights.append(weight)
         already = sum(r["trials_before"] for r in report_rows)
         remaining = max(0, trials - already)
+        def measure_tools():
+            return (ms.builder.LocalBuilder(f_build=BUILD_FUNC, initializer=register, timeout_sec=60.0),
+                    runner or ms.runner.LocalRunner(timeout_sec=60.0, evaluator_config=evaluator_config()))
+
         if (remaining == 0 and not (remeasure and knob_space)) or not tasks:
             stream.write(f"nothing to tune: {already} trials already recorded for these {len(tasks)} kernels\n")
-            return TuningReport(out, len(tasks), 0, 0.0, report_rows)
-        builder = ms.builder.LocalBuilder(f_build=BUILD_FUNC, initializer=register, timeout_sec=60.0)
-        runner = runner or ms.runner.LocalRunner(timeout_sec=60.0, evaluator_config=evaluator_config())
+            members = 0
+            if knob_space and tasks and _member_seeds(db, weighted, family, batch):
+                members = _measure_members(db, weighted, family, batch, target, *measure_tools(), stream)
+                records.publish(scratch, out)
+            return TuningReport(out, len(tasks), 0, time.perf_counter() - start, report_rows, 0, members)
+        builder, runner = measure_tools()
         seeded = 0
         if knob_space:
             _record_measured_settings(db, measured_settings)
@@ -275,7 +284,9 @@ def tune_specs(
         lines_before_search = sum(1 for _ in open(scratch / records.RECORDS))
         if remaining == 0:
             stream.write(f"no search: {already - seeded} trials already recorded for these {len(tasks)} kernels\n")
-            return TuningReport(out, len(tasks), 0, time.perf_counter() - start, report_rows, seeded)
+            members = _measure_members(db, weighted, family, batch, target, builder, runner, stream) if knob_space else 0
+            records.publish(scratch, out)
+            return TuningReport(out, len(tasks), 0, time.perf_counter() - start, report_rows, seeded, members)
         callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
         publisher, clock = _make_callback(scratch, out, remaining, hard_deadline, start, stream)
         callbacks.append(publisher)
@@ -291,7 +302,9 @@ def tune_specs(
         records.publish(scratch, out)
         measured = sum(1 for _ in open(scratch / records.RECORDS)) - lines_before_search
         stream.write("\n")
-        return TuningReport(out, len(tasks), measured, time.perf_counter() - start, report_rows, seeded)
+        members = _measure_members(db, weighted, family, batch, target, builder, runner, stream) if knob_space else 0
+        records.publish(scratch, out)
+        return TuningReport(out, len(tasks), measured, time.perf_counter() - start, report_rows, seeded, members)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -382,6 +395,60 @@ def _carried(func, family: str, klass: str, annotation: dict, newer: list[str], 
     return carried
 
 
+def _measure_members(db, weighted, family: str, batch: str, target, builder, runner, stream) -> int:
+    """Measure ``_member_seeds`` in one batch; how many built and ran."""
+    seeds = _member_seeds(db, weighted, family, batch)
+    if not seeds:
+        return 0
+    members = len({id(mod) for mod, _ in seeds})
+    stream.write(f"measuring {len(seeds)} settings on {members} class members: their class's best and their default\n")
+    return sum(_measure_seeds(db, seeds, target, builder, runner))
+
+
+def _member_seeds(db, weighted, family: str, batch: str) -> list[tuple[object, object]]:
+    """(workload, schedule) pairs to measure on the members of a structure class other than
+    its tuning task: the class's best setting refitted to the member, and the member's
+    default setting beside it in the same batch, unless the member has that best setting
+    recorded. A class is tuned as its heaviest member, and a setting's rank can change with
+    the input channels: densenet121's 56x56 1x1 weight-gradient class measured its best
+    setting 5% faster than the default at 224 channels, and the same setting ran 1.2-1.4x
+    slower at 64-160 (alternating, alone). The build takes a member's own fastest record
+    (``build.compile.lower_spec``) before the class's."""
+    import tvm_ffi
+
+    from tvm_rbn.schedules import design_spaces
+    from tvm_rbn.schedules.x86.space import apply_knobs, knob_key, knobs_of
+
+    by_workload = records.measured_by_workload(db)
+    members: dict[str, dict[str, KernelSpec]] = {}
+    for spec, _ in weighted:
+        whole = without_views(spec)
+        members.setdefault(structure_class(whole), {})[whole.symbol] = whole
+    heads = {structure_class(head): head for head, _, _ in by_class(weighted)}
+    out = []
+    for klass, specs in members.items():
+        head_rows = by_workload.get(tvm_ffi.structural_hash(workload_mod(heads[klass])))
+        if len(specs) < 2 or not head_rows:
+            continue
+        best = knobs_of(head_rows[0][1].trace)
+        if best is None:
+            continue
+        for symbol, member in sorted(specs.items()):
+            if symbol == heads[klass].symbol:
+                continue
+            mod = workload_mod(member)
+            recorded = {knob_key(a) for a in (knobs_of(r.trace) for _, r in by_workload.get(
+                tvm_ffi.structural_hash(mod), [])) if a}
+            fitted = apply_knobs(mod["main"], family, {**best, "class": klass, "batch": batch}, fit=True)
+            if fitted is None or knob_key(knobs_of(fitted.trace)) in recorded:
+                continue
+            out.append((mod, fitted))
+            default = design_spaces(mod["main"], family, klass, limit=1, batch=batch)
+            if default and knob_key(knobs_of(default[0].trace)) != knob_key(knobs_of(fitted.trace)):
+                out.append((mod, default[0]))
+    return out
+
+
 def _measure_seeds(db, seeds: list, target, builder, runner) -> list[bool]:
     """Measure (workload, schedule) pairs in one builder and one runner batch and record them;
     per pair, False if it failed to build or run."""
@@ -414,15 +481,6 @@ def by_class(weighted: list[tuple[KernelSpec, float]]) -> list[tuple[KernelSpec,
         head = max(members, key=lambda m: (m[1], m[0].symbol))[0]
         out.append((without_views(head), sum(w for _, w in members), len(members)))
     return out
-
-
-def without_views(spec: KernelSpec) -> KernelSpec:
-    """The kernel on whole tensors instead of channel slices of a block buffer: measurable by
-    MetaSchedule's runner (which allocates each argument as a dense tensor) and of the same
-    structure class, so the build hands its knobs to the slice-reading kernels."""
-    if "views" not in spec.kwargs:
-        return spec
-    return KernelSpec.make(spec.op, **{k: v for k, v in spec.kwargs.items() if k != "views"})
 
 
 def _space(family: str, klass: str | None, measured=(), batch: str | None = None):
