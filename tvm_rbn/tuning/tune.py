@@ -250,6 +250,7 @@ def tune_specs(
             weights.append(weight)
         already = sum(r["trials_before"] for r in report_rows)
         remaining = max(0, trials - already)
+
         def measure_tools():
             return (ms.builder.LocalBuilder(f_build=BUILD_FUNC, initializer=register, timeout_sec=60.0),
                     runner or ms.runner.LocalRunner(timeout_sec=60.0, evaluator_config=evaluator_config()))
@@ -411,8 +412,8 @@ def _member_seeds(db, weighted, family: str, batch: str) -> list[tuple[object, o
     default setting beside it in the same batch, unless the member has that best setting
     recorded. A class is tuned as its heaviest member, and a setting's rank can change with
     the input channels: densenet121's 56x56 1x1 weight-gradient class measured its best
-    setting 5% faster than the default at 224 channels, and the same setting ran 1.2-1.4x
-    slower at 64-160 (alternating, alone). The build takes a member's own fastest record
+    setting 5% faster than the default at 224 channels, and in one alternating comparison the
+    same setting ran up to 1.37x slower at 64-192 (timings on this machine swing as much). The build takes a member's own fastest record
     (``build.compile.lower_spec``) before the class's."""
     import tvm_ffi
 
