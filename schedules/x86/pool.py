@@ -16,9 +16,10 @@ from tvm_rbn.build.target import vector_lanes
 from . import common as cm
 
 
-def _schedule_windows(sch: Schedule, pool, lanes: int, staged=None) -> Schedule:
+def _schedule_windows(sch: Schedule, pool, family: str, staged=None) -> Schedule:
     """One task per (n, c) plane (parallel); per output row, a vector of output columns at a
     time reduces its windows, unrolled. `staged`: a stage formed per plane first, in cache."""
+    lanes = vector_lanes(family, cm.dtype_of(sch, pool))
     n, c, p, q, ri, rj = sch.get_loops(pool)
     plane = sch.fuse(n, c)
     sch.parallel(plane)
@@ -48,8 +49,7 @@ class MaxPoolTemplate:
         blocks = cm.blocks(sch)
         if "pool" not in blocks:
             return None
-        lanes = vector_lanes(family, cm.dtype_of(sch, blocks["pool"]))
-        return _schedule_windows(sch, blocks["pool"], lanes, staged=blocks["act_pad"])
+        return _schedule_windows(sch, blocks["pool"], family, staged=blocks["act_pad"])
 
 
 class AvgPoolTemplate:
@@ -62,4 +62,4 @@ class AvgPoolTemplate:
         blocks = cm.blocks(sch)
         if "avg_pool" not in blocks:
             return None
-        return _schedule_windows(sch, blocks["avg_pool"], vector_lanes(family, cm.dtype_of(sch, blocks["avg_pool"])))
+        return _schedule_windows(sch, blocks["avg_pool"], family)

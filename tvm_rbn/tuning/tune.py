@@ -258,8 +258,9 @@ def tune_specs(
         if (remaining == 0 and not (remeasure and knob_space)) or not tasks:
             stream.write(f"nothing to tune: {already} trials already recorded for these {len(tasks)} kernels\n")
             members = 0
-            if knob_space and tasks and _member_seeds(db, weighted, family, batch):
-                members = _measure_members(db, weighted, family, batch, target, *measure_tools(), stream)
+            member_seeds = _member_seeds(db, weighted, family, batch) if knob_space and tasks else []
+            if member_seeds:
+                members = _measure_members(db, member_seeds, target, *measure_tools(), stream)
                 records.publish(scratch, out)
             return TuningReport(out, len(tasks), 0, time.perf_counter() - start, report_rows, 0, members)
         builder, runner = measure_tools()
@@ -285,7 +286,8 @@ def tune_specs(
         lines_before_search = sum(1 for _ in open(scratch / records.RECORDS))
         if remaining == 0:
             stream.write(f"no search: {already - seeded} trials already recorded for these {len(tasks)} kernels\n")
-            members = _measure_members(db, weighted, family, batch, target, builder, runner, stream) if knob_space else 0
+            members = _measure_members(db, _member_seeds(db, weighted, family, batch) if knob_space else [], target,
+                                       builder, runner, stream)
             records.publish(scratch, out)
             return TuningReport(out, len(tasks), 0, time.perf_counter() - start, report_rows, seeded, members)
         callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
@@ -303,7 +305,8 @@ def tune_specs(
         records.publish(scratch, out)
         measured = sum(1 for _ in open(scratch / records.RECORDS)) - lines_before_search
         stream.write("\n")
-        members = _measure_members(db, weighted, family, batch, target, builder, runner, stream) if knob_space else 0
+        members = _measure_members(db, _member_seeds(db, weighted, family, batch) if knob_space else [], target,
+                                   builder, runner, stream)
         records.publish(scratch, out)
         return TuningReport(out, len(tasks), measured, time.perf_counter() - start, report_rows, seeded, members)
     finally:
@@ -396,9 +399,8 @@ def _carried(func, family: str, klass: str, annotation: dict, newer: list[str], 
     return carried
 
 
-def _measure_members(db, weighted, family: str, batch: str, target, builder, runner, stream) -> int:
+def _measure_members(db, seeds: list, target, builder, runner, stream) -> int:
     """Measure ``_member_seeds`` in one batch; how many built and ran."""
-    seeds = _member_seeds(db, weighted, family, batch)
     if not seeds:
         return 0
     members = len({id(mod) for mod, _ in seeds})
@@ -421,21 +423,18 @@ def _member_seeds(db, weighted, family: str, batch: str) -> list[tuple[object, o
     from tvm_rbn.schedules.x86.space import apply_knobs, knob_key, knobs_of
 
     by_workload = records.measured_by_workload(db)
-    members: dict[str, dict[str, KernelSpec]] = {}
-    for spec, _ in weighted:
-        whole = without_views(spec)
-        members.setdefault(structure_class(whole), {})[whole.symbol] = whole
-    heads = {structure_class(head): head for head, _, _ in by_class(weighted)}
     out = []
-    for klass, specs in members.items():
-        head_rows = by_workload.get(tvm_ffi.structural_hash(workload_mod(heads[klass])))
+    for klass, members in _classes(weighted).items():
+        head = _head(members)
+        specs = {whole.symbol: whole for whole in (without_views(spec) for spec, _ in members)}
+        head_rows = by_workload.get(tvm_ffi.structural_hash(workload_mod(head)))
         if len(specs) < 2 or not head_rows:
             continue
         best = knobs_of(head_rows[0][1].trace)
         if best is None:
             continue
         for symbol, member in sorted(specs.items()):
-            if symbol == heads[klass].symbol:
+            if symbol == head.symbol:
                 continue
             mod = workload_mod(member)
             recorded = {knob_key(a) for a in (knobs_of(r.trace) for _, r in by_workload.get(
@@ -472,16 +471,22 @@ def _measure_seeds(db, seeds: list, target, builder, runner) -> list[bool]:
     return ok
 
 
-def by_class(weighted: list[tuple[KernelSpec, float]]) -> list[tuple[KernelSpec, float, int]]:
-    """One task per structure class: (its heaviest kernel, the class's total weight, members)."""
+def _classes(weighted: list[tuple[KernelSpec, float]]) -> dict[str, list[tuple[KernelSpec, float]]]:
+    """The (spec, weight) pairs grouped by structure class."""
     classes: dict[str, list[tuple[KernelSpec, float]]] = {}
     for spec, weight in weighted:
         classes.setdefault(structure_class(spec), []).append((spec, weight))
-    out = []
-    for members in classes.values():
-        head = max(members, key=lambda m: (m[1], m[0].symbol))[0]
-        out.append((without_views(head), sum(w for _, w in members), len(members)))
-    return out
+    return classes
+
+
+def _head(members: list[tuple[KernelSpec, float]]) -> KernelSpec:
+    """A class's tuning task: its heaviest kernel, on whole tensors."""
+    return without_views(max(members, key=lambda m: (m[1], m[0].symbol))[0])
+
+
+def by_class(weighted: list[tuple[KernelSpec, float]]) -> list[tuple[KernelSpec, float, int]]:
+    """One task per structure class: (its heaviest kernel, the class's total weight, members)."""
+    return [(_head(members), sum(w for _, w in members), len(members)) for members in _classes(weighted).values()]
 
 
 def _space(family: str, klass: str | None, measured=(), batch: str | None = None):
