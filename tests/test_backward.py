@@ -120,6 +120,42 @@ def test_dgrad_kernel_matches_reference(case):
     assert_close(tile_dgamma, ref_dgamma, "tile_dgamma", scale=plane * 4)
 
 
+# (geometry, grad prologue, dtype): the running-sum output, reading and writing channel slices
+# of block buffers (as a DenseNet block's backward does) or whole tensors
+ACCUMULATE_CASES = [
+    ("3x3-pad1", True, torch.float32, 32),
+    ("1x1-batch1", False, torch.float64, 17),
+    ("3x3-stride2-uncovered-row", True, torch.float32, 20),
+]
+
+
+@pytest.mark.parametrize("case", ACCUMULATE_CASES,
+                         ids=[f"{g}-{'grad-prologue' if p else 'grad'}-{_DT[d]}-buffer{t}" for g, p, d, t in
+                              ACCUMULATE_CASES])
+def test_dgrad_running_sum_matches_reference(case):
+    """out = accumulate + scale*dz from the epilogue; dz itself is not an output."""
+    geometry, prologue, dtype, total = case
+    n, c, h, w, k, rs, stride, padding = GEOMETRIES[geometry]
+    p, q = _out_hw(h, w, rs, stride, padding)
+    weight = torch.randn(k, c, *rs, dtype=dtype)
+    grad = _grad(prologue, n, k, p, q, dtype)
+    x_raw, co = torch.randn(n, c, h, w, dtype=dtype), _coeffs(c, dtype)
+    source, target = torch.randn(n, total, h, w, dtype=dtype), torch.full((n, total, h, w), 7.0, dtype=dtype)
+    before = source.clone()
+    got, tile_dbeta, tile_dgamma = rbn.conv2d_dgrad_bn_relu(
+        grad, weight, x_raw, co, stride, padding, accumulate=source[:, :c], out=target[:, :c])
+    ref, ref_dbeta, ref_dgamma = ref_convb.conv2d_dgrad(
+        grad, weight, x_raw, co.scale, co.shift, co.mean, co.invstd, (h, w), stride, padding, True,
+        acc_in=before[:, :c])
+    assert got.data_ptr() == target.data_ptr(), "the sum goes where out points"
+    assert_close(got, ref, "accumulate + scale*dz")
+    plane = float(ref_dbeta.abs().sum() / (n * c)) + 1
+    assert_close(tile_dbeta, ref_dbeta, "tile_dbeta", scale=plane)
+    assert_close(tile_dgamma, ref_dgamma, "tile_dgamma", scale=plane * 4)
+    assert torch.equal(source, before), "accumulate is read only"
+    assert bool((target[:, c:] == 7.0).all()), "channels past the slice are untouched"
+
+
 @pytest.mark.parametrize("case", WGRAD_CASES, ids=[_case_id(c) for c in WGRAD_CASES])
 def test_wgrad_kernel_matches_reference(case):
     geometry, prologue, act, dtype = case
@@ -355,6 +391,9 @@ def no_kernels(monkeypatch):
     monkeypatch.setattr(rbn, "kernel", refuse)
 
 
+_SHARED = torch.randn(2, 6, 5, 5)  # one buffer: two channel slices of it may not be accumulate and out
+
+
 def _valid_dgrad_args():
     return dict(grad=torch.randn(2, 4, 5, 5), weight=torch.randn(4, 3, 3, 3), x_raw=torch.randn(2, 3, 5, 5),
                 coeffs=_coeffs(3, torch.float32), padding=1)
@@ -372,9 +411,15 @@ def _valid_dgrad_args():
         (dict(grad=[1.0]), "grad must be a torch.Tensor or a DeferredGrad"),
         (dict(grad=torch.randn(2, 4, 5, 5).requires_grad_()), "grad requires grad"),
         (dict(grad=torch.randn(2, 4, 5, 5).transpose(2, 3)), "grad is not contiguous"),
+        (dict(accumulate=torch.randn(2, 3, 5, 4)), "accumulate has shape"),
+        (dict(accumulate=torch.randn(2, 3, 5, 5, dtype=torch.float64)), "dtypes differ"),
+        (dict(accumulate=torch.randn(2, 3, 5, 5), relu=False), "relu=True only"),
+        (dict(accumulate=_SHARED[:, :3], out=_SHARED[:, 3:]), "out shares memory with accumulate"),
+        (dict(out=torch.randn(2, 3, 5, 4)), "out has shape"),
     ],
     ids=["grad-size", "weight-channels", "x-raw-channels", "coeffs-type", "coeffs-shape", "dtype-mix",
-         "grad-type", "requires-grad", "non-contiguous"],
+         "grad-type", "requires-grad", "non-contiguous", "accumulate-shape", "accumulate-dtype",
+         "accumulate-without-relu", "accumulate-aliased", "out-shape"],
 )
 def test_dgrad_validation(change, message, no_kernels):
     args = {**_valid_dgrad_args(), **change}

@@ -111,10 +111,12 @@ def test_knob_candidates_compile_and_agree(shape, tmp_path):
          cv.knob_candidates, cv.schedule_conv),
         (KernelSpec.make("conv2d_dgrad", **common, grad_prologue=True, epilogue_relu=True), bw.dgrad_shape,
          bw.dgrad_knob_candidates, bw.schedule_dgrad),
+        (KernelSpec.make("conv2d_dgrad", **common, grad_prologue=True, epilogue_relu=True, accumulate=True),
+         bw.dgrad_shape, bw.dgrad_knob_candidates, bw.schedule_dgrad),
         (KernelSpec.make("conv2d_wgrad", **common, grad_prologue=True, prologue_relu=True), bw.wgrad_shape,
          bw.wgrad_knob_candidates, bw.schedule_wgrad),
     ]
-    for spec, shape_of, candidates, schedule in kinds:
+    for kind, (spec, shape_of, candidates, schedule) in enumerate(kinds):
         func = te.create_prim_func(spec.build_args())
         cands = candidates(shape_of(Schedule(func), family))
         picked = [cands[0]] + cands[1::max(1, len(cands) // 3)][:3]
@@ -127,7 +129,7 @@ def test_knob_candidates_compile_and_agree(shape, tmp_path):
             sch = schedule(Schedule(func), family, knobs)
             lib = tvm.compile(tvm.IRModule({"k": sch.mod["main"].with_attr("global_symbol", "k")}),
                               target=host_tvm_target())
-            path = tmp_path / f"{spec.op}_{i}.so"
+            path = tmp_path / f"{spec.op}_{kind}_{i}.so"
             lib.export_library(str(path))
             run = [a.clone() for a in args]
             load_module(path)["k"](*run)

@@ -480,15 +480,22 @@ def test_cuda_search_space_yields_kernels_that_compile(op):
     assert compiled, f"no valid CUDA schedule sampled for {op}"
 
 
-def test_slice_reading_kernels_tune_on_whole_tensors_and_build_from_their_records(tmp_path):
+@pytest.mark.parametrize("op", ["conv2d_fused", "conv2d_dgrad"], ids=["forward-slices", "dgrad-slices-running-sum"])
+def test_slice_reading_kernels_tune_on_whole_tensors_and_build_from_their_records(tmp_path, op):
     """DenseNet's block-buffer kernels read and write channel slices, which MetaSchedule's
-    runner cannot allocate: they are tuned on whole tensors, every trial measured, and built
-    from the records of their whole-tensor twin."""
+    runner cannot allocate, and conv1's data gradient adds to the block's running gradient sum:
+    they are tuned as their twin (whole tensors, no running sum), every trial measured, and
+    built from the twin's records."""
     from tvm_rbn.build.workloads import extract
     from tvm_rbn.models import MODELS
+    from tvm_rbn.tuning.tasks import structure_class, tuning_twin
 
     sliced = next(s for s, _ in extract(MODELS["densenet121"](), (2, 3, 64, 64))
-                  if s.op == "conv2d_fused" and "views" in s.kwargs and s.kwargs["r"] == 1)
+                  if s.op == op and "views" in s.kwargs and s.kwargs["r"] == 1
+                  and (op != "conv2d_dgrad" or s.kwargs.get("accumulate")))
+    twin = tuning_twin(sliced)
+    assert "views" not in twin.kwargs and "accumulate" not in twin.kwargs
+    assert structure_class(twin) == structure_class(sliced)
     folder = tmp_path / host_family()
     report = tune_specs([(sliced, 1.0)], folder, trials=2, trials_per_batch=1)
     assert report.trials >= 1

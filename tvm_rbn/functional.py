@@ -585,7 +585,7 @@ def _input_hw(input_size, n: int, c: int) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
-def _dgrad(grad, weight, x_raw, coeffs, input_size, stride, padding, relu):
+def _dgrad(grad, weight, x_raw, coeffs, input_size, stride, padding, relu, acc_in=None, out=None):
     grad_args, prologue = _grad_operand(grad)
     weight = check.tensor(weight, "weight", 4)
     k, c, r, s = weight.shape
@@ -612,14 +612,24 @@ def _dgrad(grad, weight, x_raw, coeffs, input_size, stride, padding, relu):
     params = _backward_geometry(grad_args, c, _input_hw(input_size, n, c), (r, s), stride, padding)
     g0 = grad_args[0]
     shape = (n, c, params["h"], params["w"])
+    acc = {}
+    if acc_in is not None:
+        acc_in = check.tensor(acc_in, "accumulate", 4, channel_view=True)
+        check.shape(acc_in, "accumulate", shape)
+        check.same_dtype(accumulate=acc_in, x_raw=x_raw)
+        ep_args.append(acc_in)
+        acc = {"accumulate": True}
     if x_raw is None:
         outs = [buffers.empty_like(g0, shape)]
     else:
-        outs = [buffers.empty_like(g0, shape), g0.new_empty((n, c)), g0.new_empty((n, c))]
+        first = _out(out, "out", shape, g0)
+        if acc_in is not None and first.untyped_storage().data_ptr() == acc_in.untyped_storage().data_ptr():
+            raise check.InputError("out shares memory with accumulate: the kernel reads one while writing the other")
+        outs = [first, g0.new_empty((n, c)), g0.new_empty((n, c))]
     args = [*grad_args, weight, *ep_args, *outs]
     spec = KernelSpec.make(
         "conv2d_dgrad", **params, dtype=check.dtype_name(dtype), grad_prologue=prologue,
-        epilogue_relu=relu if x_raw is not None else None, **_views(args),
+        epilogue_relu=relu if x_raw is not None else None, **acc, **_views(args),
     )
     kernel(spec)(*args)
     return outs[0] if x_raw is None else tuple(outs)
@@ -635,7 +645,7 @@ def conv2d_dgrad(grad, weight, input_size, stride=1, padding=0):
     return _dgrad(grad, weight, None, None, input_size, stride, padding, None)
 
 
-def conv2d_dgrad_bn_relu(grad, weight, x_raw, coeffs, stride=1, padding=0, relu=True):
+def conv2d_dgrad_bn_relu(grad, weight, x_raw, coeffs, stride=1, padding=0, relu=True, accumulate=None, out=None):
     """Data gradient with the epilogue of the BatchNorm(+ReLU) that produced the conv input.
 
     The conv read a = relu(x_raw*scale + shift) (``bn_relu_conv2d``); x_raw is the stored raw
@@ -643,10 +653,18 @@ def conv2d_dgrad_bn_relu(grad, weight, x_raw, coeffs, stride=1, padding=0, relu=
     da = conv_transpose2d(grad, weight), dz = da * [x_raw*scale + shift > 0] (dz = da with
     relu=False), and per (n, c) plane the partials of dbeta = sum dz and
     dgamma = sum dz*xhat. Returns (dz, tile_dbeta, tile_dgamma) for ``bn_backward_finalize``.
+
+    accumulate (relu=True): a tensor shaped like x_raw; the first result is then
+    accumulate + scale*dz (the input gradient with the coefficients held fixed, added to a
+    running sum as a DenseNet block's backward does), written in the pass that forms dz, and dz
+    is not stored. out: where the first result goes (a tensor or channel slice; new if None);
+    it must not share memory with accumulate.
     """
     if x_raw is None:
         raise check.InputError("x_raw is required (use conv2d_dgrad for a conv without a BatchNorm before it)")
-    return _dgrad(grad, weight, x_raw, coeffs, None, stride, padding, bool(relu))
+    if accumulate is not None and not relu:
+        raise check.InputError("accumulate adds scale*dz and needs the BatchNorm's scale: relu=True only")
+    return _dgrad(grad, weight, x_raw, coeffs, None, stride, padding, bool(relu), accumulate, out)
 
 
 def _wgrad(grad, x, scale, shift, kernel_size, stride, padding, relu):

@@ -135,10 +135,11 @@ def _geometry(n, c, h, w, k, r, s, stride, padding):
     return Conv2dGeometry(n, c, h, w, k, r, s, tuple(stride), tuple(padding))
 
 
-def _conv2d_dgrad(n, c, h, w, k, r, s, stride, padding, dtype, grad_prologue, epilogue_relu):
+def _conv2d_dgrad(n, c, h, w, k, r, s, stride, padding, dtype, grad_prologue, epilogue_relu, accumulate=False):
     from .ops.conv2d_bn_backward import conv2d_dgrad
 
-    return conv2d_dgrad(_geometry(n, c, h, w, k, r, s, stride, padding), dtype, grad_prologue, epilogue_relu)
+    return conv2d_dgrad(_geometry(n, c, h, w, k, r, s, stride, padding), dtype, grad_prologue, epilogue_relu,
+                        accumulate)
 
 
 def _conv2d_wgrad(n, c, h, w, k, r, s, stride, padding, dtype, grad_prologue, prologue_relu):

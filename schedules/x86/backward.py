@@ -284,6 +284,17 @@ def schedule_dgrad(sch: Schedule, family: str, knobs: DgradKnobs | None = None) 
         # derives wrong loop extents for a consumer placed after one)
         at = planes if kn.row_tasks == 1 and not uneven else None
         cm.plane_reductions(sch, [(name, B[name]) for name in ("tile_dbeta", "tile_dgamma")], lanes, at)
+    if "acc" in B:
+        # the running sum, plane by plane right after the task wrote dz's planes: dz is then a
+        # task-local buffer (its allocation compacts to what one task writes) that never goes
+        # to memory, and each channel plane of the sum is one sequential stream
+        at = planes if kn.row_tasks == 1 and not uneven else None
+        if at is None:
+            _schedule_spatial_root(sch, B["acc"], lanes)
+        else:
+            sch.reverse_compute_at(B["acc"], at, preserve_unit_loops=True)
+            sch.fuse(*sch.get_loops(B["acc"])[-2:])
+            _vectorize_inner(sch, B["acc"], lanes)
     return sch
 
 

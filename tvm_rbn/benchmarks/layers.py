@@ -81,7 +81,7 @@ def flags(spec: KernelSpec) -> str:
         return pro + "conv" + ("+stats" if p["stats"] else "")
     if spec.op == "conv2d_dgrad":
         epi = {None: "", True: ">relu'+bn'", False: ">bn'"}[p["epilogue_relu"]]
-        return ("bn'>" if p["grad_prologue"] else "") + "dgrad" + epi
+        return ("bn'>" if p["grad_prologue"] else "") + "dgrad" + epi + ("+sum" if p.get("accumulate") else "")
     pro = {None: "", True: "bn+relu", False: "bn"}[p["prologue_relu"]]
     return ("bn'," if p["grad_prologue"] else "") + (pro + ">" if pro else "") + "wgrad"
 
@@ -129,6 +129,8 @@ class _Case:
         self.c1 = self.y_gamma * self.y_invstd
         self.c2 = -self.c1 * self.y_invstd * r(g.k) / (g.n * g.out_shape[2] * g.out_shape[3])
         self.c3 = -self.c1 * r(g.k) / (g.n * g.out_shape[2] * g.out_shape[3]) - self.c2 * self.y_mean
+        # the running sum a data gradient adds to (a DenseNet block's buffer gradient)
+        self.acc = r(g.n, g.c, g.h, g.w) if spec.kwargs.get("accumulate") else None
 
     # --- ours ------------------------------------------------------------------------------
     def ours(self):
@@ -149,7 +151,7 @@ class _Case:
                 outs = [(g.n, g.c, g.h, g.w)]
             else:
                 args += [self.x] + ([self.scale, self.shift] if p["epilogue_relu"] else [])
-                args += [self.in_mean, self.in_invstd]
+                args += [self.in_mean, self.in_invstd] + ([self.acc] if p.get("accumulate") else [])
                 outs = [(g.n, g.c, g.h, g.w), (g.n, g.c), (g.n, g.c)]
         else:
             args = grad_args + [self.x] + ([self.scale, self.shift] if p["prologue_relu"] is not None else [])
@@ -218,6 +220,8 @@ class _Case:
                                                 padding=self.padding)
                 if p["epilogue_relu"]:
                     da = thr(da, self.z, 0)
+                if p.get("accumulate"):  # the BatchNorm's input gradient at fixed statistics, summed
+                    da = torch.addcmul(self.acc, da, self.scale[:, None, None])
                 return da
 
             return dgrad

@@ -27,11 +27,14 @@ What the fused op does instead:
   updating its own running statistics: per-channel arithmetic only, no pass over the data.
   norm2_j (over conv1_j's output, read by conv2_j only) is the ordinary chain: conv1_j's
   epilogue, conv2_j's prologue.
-- **Backward over the same buffer.** One gradient buffer ``GX`` (the incoming gradient of X,
-  copied once) accumulates, per channel, what every reader of that channel contributes with
-  its coefficients held fixed (scale_k*dz_k from the dgrad epilogue of conv1_k, added in place
-  into ``GX[:, :C_k]``); what the readers contribute through the shared statistics is
-  accumulated as the true derivatives dL/dmean and dL/dvar per channel::
+- **Backward over the same buffer.** The gradient of X, ``GX``, accumulates per channel what
+  every reader of that channel contributes with its coefficients held fixed: conv1_k's data
+  gradient writes ``GX[:, :C_k] + scale_k*dz_k`` from its epilogue, in the pass that forms
+  dz_k (which never goes to memory), into the first C_k channels of another buffer of X's
+  shape. Two such buffers take turns (the first layer reads the incoming gradient itself: no
+  copy of it, and nothing is read while it is written); channels past C_k are stale once
+  layer k is done, as nothing reads them again. What the readers contribute through the
+  shared statistics is accumulated as the true derivatives dL/dmean and dL/dvar per channel::
 
       dL/dmean += -scale_k*dbeta_k,   dL/dvar += -0.5*scale_k*invstd_k*dgamma_k
 
@@ -173,7 +176,8 @@ def dense_block_backward(
     n, total, h, w = X.shape
     m = n * h * w
     layers = len(weights) // 2
-    GX = buffers.empty_like(g_X).copy_(g_X)
+    GX = g_X.contiguous()  # read only: each layer's running sum goes to the other of two buffers
+    spare = [buffers.empty_like(g_X), buffers.empty_like(g_X)] if layers else []
     mean = S[0]
     d_mean, d_var = g_S[0].clone(), g_S[1].clone()
     g_w: list = [None] * (2 * layers)
@@ -199,11 +203,12 @@ def dense_block_backward(
         g1 = rbn.DeferredGrad(dz2, y1, co2.scale, gc2, gc3)
         x_in = X[:, :cj]
         g_w[2 * j] = rbn.bn_relu_conv2d_wgrad(g1, x_in, co1.scale, co1.shift, tuple(w1.shape[2:]), 1, _pad(w1))
-        dz1, tb1, tg1 = rbn.conv2d_dgrad_bn_relu(g1, w1, x_in, co1, 1, _pad(w1))
+        into = spare[j % 2]
+        _, tb1, tg1 = rbn.conv2d_dgrad_bn_relu(g1, w1, x_in, co1, 1, _pad(w1), accumulate=GX[:, :cj],
+                                               out=into[:, :cj])
+        GX = into
         del dz2, g1
         g_gamma[2 * j], g_beta[2 * j] = tg1.sum(0), tb1.sum(0)
-        GX[:, :cj].addcmul_(dz1, co1.scale.view(1, -1, 1, 1))
-        del dz1
         if batch_stats[2 * j]:
             d_mean[:cj] -= co1.scale * g_beta[2 * j]
             d_var[:cj] -= 0.5 * co1.scale * co1.invstd * g_gamma[2 * j]

@@ -29,18 +29,19 @@ def lower_spec(spec: KernelSpec, family: str, database=None, target=None):
     from tvm.s_tir import Schedule
 
     from ..tuning.records import best_record, class_knobs
-    from ..tuning.tasks import is_tunable, structure_class, without_views, workload_mod
+    from ..tuning.tasks import is_tunable, structure_class, tuning_twin, workload_mod
 
     func = spec.prim_func().with_attr("global_symbol", spec.symbol)
     if database is not None and is_tunable(spec):
-        mod = workload_mod(without_views(spec))  # a slice-reading kernel's records are its whole-tensor twin's
+        twin = tuning_twin(spec)  # a slice-reading or running-sum kernel's records are its twin's
+        mod = workload_mod(twin)
         rec = best_record(database, mod)
         if rec is not None:
             knobs = knobs_of(rec.trace)
             sch = apply_knobs(func, family, knobs) if knobs else None
             if sch is not None:
                 return sch.mod["main"].with_attr("global_symbol", spec.symbol), "tuned"
-            if "views" not in spec.kwargs:  # a trace replays on the workload it was recorded for
+            if twin is spec:  # a trace replays on the workload it was recorded for
                 sch = Schedule(mod)
                 rec.trace.apply_to_schedule(sch, remove_postproc=False)
                 return restore_untraced(sch.mod["main"]).with_attr("global_symbol", spec.symbol), "tuned"

@@ -14,6 +14,9 @@ data gradient (conv_transpose of the output gradient g with the weight w)::
     tile_dbeta[n, c]  = sum_{h,w} dz
     tile_dgamma[n, c] = sum_{h,w} dz * (x_raw - mean)*invstd
 
+  and optionally, for a running sum of input gradients (a DenseNet block's buffer), the
+  output acc = acc_in + scale*dz in place of dz (``accumulate``)
+
 weight gradient::
 
     dw[k, c, r, s] = sum_{n, p, q} g[n, k, p, q] * a_pad[n, c, p*sh + r, q*sw + s]
@@ -215,7 +218,14 @@ def bn_relu_backward(da: te.Tensor, ep: dict) -> list:
     return [dz, *plane_grad_stats(dz, ep["x_raw"], ep["mean"], ep["invstd"])]
 
 
-def conv2d_dgrad(geo: Conv2dGeometry, dtype: str, grad_prologue_: bool, epilogue_relu: bool | None):
+def accumulate_scaled(acc_in: te.Tensor, dz: te.Tensor, scale: te.Tensor) -> te.Tensor:
+    """Stage ``acc``: acc_in + scale*dz, per channel: the gradient at the BatchNorm's input with
+    its coefficients held fixed, added to a running sum (a DenseNet block's buffer gradient)."""
+    return te.compute(dz.shape, lambda n, c, h, w: acc_in[n, c, h, w] + scale[c] * dz[n, c, h, w], name="acc")
+
+
+def conv2d_dgrad(geo: Conv2dGeometry, dtype: str, grad_prologue_: bool, epilogue_relu: bool | None,
+                 accumulate: bool = False):
     """The data-gradient convolution of a restructured chain.
 
     geo is the *forward* convolution's geometry (input n, c, h, w; weight k, c, r, s).
@@ -223,10 +233,13 @@ def conv2d_dgrad(geo: Conv2dGeometry, dtype: str, grad_prologue_: bool, epilogue
     rather than a plain tensor.
     epilogue_relu: None for the plain data gradient; True/False for the epilogue of the
     BatchNorm (with/without ReLU) whose output this convolution read.
+    accumulate: (epilogue with ReLU only) the output is acc_in + scale*dz (``accumulate_scaled``)
+    instead of dz, which is then only an intermediate stage: the sum is written in the pass
+    that forms dz, and dz itself never goes to memory.
 
     Arguments, inputs then outputs:
-    [grad | dz, x, c1, c2, c3], w, [x_raw, [scale, shift], mean, invstd],
-    then da, or dz_in, tile_dbeta, tile_dgamma.
+    [grad | dz, x, c1, c2, c3], w, [x_raw, [scale, shift], mean, invstd, [acc_in]],
+    then da, or dz | acc, tile_dbeta, tile_dgamma.
     """
     args, g = grad_input(geo, dtype, grad_prologue_)
     w = te.placeholder((geo.k, geo.c, geo.r, geo.s), dtype, "w")
@@ -237,7 +250,13 @@ def conv2d_dgrad(geo: Conv2dGeometry, dtype: str, grad_prologue_: bool, epilogue
     if epilogue_relu is None:
         return args + [da]
     ep = epilogue_inputs((geo.n, geo.c, geo.h, geo.w), dtype, epilogue_relu)
-    return args + list(ep.values()) + bn_relu_backward(da, ep)
+    dz, tile_dbeta, tile_dgamma = bn_relu_backward(da, ep)
+    if not accumulate:
+        return args + list(ep.values()) + [dz, tile_dbeta, tile_dgamma]
+    if not epilogue_relu:
+        raise ValueError("accumulate needs the epilogue's BatchNorm scale: epilogue_relu=True")
+    acc_in = te.placeholder((geo.n, geo.c, geo.h, geo.w), dtype, "acc_in")
+    return args + list(ep.values()) + [acc_in, accumulate_scaled(acc_in, dz, ep["scale"]), tile_dbeta, tile_dgamma]
 
 
 def wgrad_nchw(g: te.Tensor, a_pad: te.Tensor, geo: Conv2dGeometry) -> te.Tensor:

@@ -32,22 +32,28 @@ def flops(spec: KernelSpec) -> float:
     return 2.0 * p["n"] * p["k"] * p["c"] * p["r"] * p["s"] * out_h * out_w
 
 
+# spec parameters a kernel is tuned without: channel-slice views (MetaSchedule's runner
+# allocates every argument dense) and the data gradient's running-sum output (one extra
+# elementwise stage after the epilogue, placed by the template whatever the knobs)
+TWIN_DROPS = ("views", "accumulate")
+
+
 def structure_class(spec: KernelSpec) -> str:
     """Kernels one knob setting of a template fits, tuned once: the spec without its input
-    channel count and channel-slice views (e.g. DenseNet's 1x1 convolutions of one block)."""
+    channel count and what its tuning twin drops (e.g. DenseNet's 1x1 convolutions of one block)."""
     import json
 
     d = json.loads(spec.key)
-    for varying in ("c", "views"):
+    for varying in ("c", *TWIN_DROPS):
         d.pop(varying, None)
     return json.dumps(d, sort_keys=True)
 
 
-def without_views(spec: KernelSpec) -> KernelSpec:
-    """The kernel on whole tensors instead of channel slices of a block buffer: measurable by
-    MetaSchedule's runner (which allocates each argument as a dense tensor) and of the same
-    structure class. Records are kept and looked up under it: a slice-reading kernel is built
-    with the knob setting measured on its whole-tensor twin."""
-    if "views" not in spec.kwargs:
+def tuning_twin(spec: KernelSpec) -> KernelSpec:
+    """The kernel as it is tuned and its records are kept and looked up: on whole tensors
+    instead of channel slices of a block buffer, and without a running-sum output
+    (``TWIN_DROPS``). Same structure class; a kernel is built with the knob setting measured
+    on its twin."""
+    if not any(k in spec.kwargs for k in TWIN_DROPS):
         return spec
-    return KernelSpec.make(spec.op, **{k: v for k, v in spec.kwargs.items() if k != "views"})
+    return KernelSpec.make(spec.op, **{k: v for k, v in spec.kwargs.items() if k not in TWIN_DROPS})

@@ -18,8 +18,9 @@ ranked anew (their earlier times stop counting, ``records.measured_by_workload``
 
 x86: the search space is the designed templates' knob settings (``schedules/x86/space.py``),
 searched by MetaSchedule's evolutionary search with its XGBoost cost model. Kernels of the
-same structure (``structure_class``: equal but for their input channels and channel-slice
-views) are tuned once, as the class's heaviest kernel (on whole tensors: ``without_views``)
+same structure (``structure_class``: equal but for their input channels, channel-slice
+views and a running-sum output) are tuned once, as the class's heaviest kernel (as its
+``tuning_twin``: on whole tensors, without the running sum)
 with the class's summed weight; then each other member is measured with the class's best
 setting (refitted to its channels) and with its default (``_member_seeds``), and the build
 gives it the faster (``build.compile``). CUDA: MetaSchedule's own
@@ -38,7 +39,7 @@ from pathlib import Path
 from ..build.target import host_cores, host_family
 from ..kernels import KernelSpec
 from . import records
-from .tasks import flops, is_tunable, structure_class, without_views, workload_mod
+from .tasks import flops, is_tunable, structure_class, tuning_twin, workload_mod
 
 
 @dataclass
@@ -222,7 +223,7 @@ def tune_specs(
     if records.has_records(out):
         records.validate(out, family)  # never tune on top of a folder we would refuse to apply
     scratch = records.scratch_copy(out)
-    weighted_specs = {spec.symbol: spec for spec in (without_views(spec) for spec, _ in weighted)}
+    weighted_specs = {spec.symbol: spec for spec in (tuning_twin(spec) for spec, _ in weighted)}
     start = time.perf_counter()
     batch = datetime.now(timezone.utc).isoformat(timespec="seconds")  # stamps this run's records
     deadline = start + seconds if seconds else float("inf")
@@ -426,7 +427,7 @@ def _member_seeds(db, weighted, family: str, batch: str) -> list[tuple[object, o
     out = []
     for klass, members in _classes(weighted).items():
         head = _head(members)
-        specs = {whole.symbol: whole for whole in (without_views(spec) for spec, _ in members)}
+        specs = {whole.symbol: whole for whole in (tuning_twin(spec) for spec, _ in members)}
         head_rows = by_workload.get(tvm_ffi.structural_hash(workload_mod(head)))
         if len(specs) < 2 or not head_rows:
             continue
@@ -481,7 +482,7 @@ def _classes(weighted: list[tuple[KernelSpec, float]]) -> dict[str, list[tuple[K
 
 def _head(members: list[tuple[KernelSpec, float]]) -> KernelSpec:
     """A class's tuning task: its heaviest kernel, on whole tensors."""
-    return without_views(max(members, key=lambda m: (m[1], m[0].symbol))[0])
+    return tuning_twin(max(members, key=lambda m: (m[1], m[0].symbol))[0])
 
 
 def by_class(weighted: list[tuple[KernelSpec, float]]) -> list[tuple[KernelSpec, float, int]]:

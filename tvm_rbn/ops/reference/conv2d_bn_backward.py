@@ -29,15 +29,20 @@ def plane_grad_stats(dz, x_raw, mean, invstd):
     return dz.sum(dim=(2, 3)), (dz * xhat).sum(dim=(2, 3))
 
 
-def conv2d_dgrad(grad, w, x_raw, scale, shift, mean, invstd, input_hw, stride, padding, epilogue_relu: bool | None):
-    """Returns da, or (dz, tile_dbeta, tile_dgamma) with the epilogue."""
+def conv2d_dgrad(grad, w, x_raw, scale, shift, mean, invstd, input_hw, stride, padding, epilogue_relu: bool | None,
+                 acc_in=None):
+    """Returns da, or (dz, tile_dbeta, tile_dgamma) with the epilogue; with acc_in,
+    (acc_in + scale*dz, tile_dbeta, tile_dgamma)."""
     g = gradient(grad)
     size = (g.shape[0], w.shape[1], *input_hw)
     da = torch.nn.grad.conv2d_input(size, w, g, stride=stride, padding=padding)
     if epilogue_relu is None:
         return da
     dz = relu_backward(da, x_raw, scale, shift, epilogue_relu)
-    return (dz, *plane_grad_stats(dz, x_raw, mean, invstd))
+    stats = plane_grad_stats(dz, x_raw, mean, invstd)
+    if acc_in is not None:
+        return (acc_in + scale[None, :, None, None] * dz, *stats)
+    return (dz, *stats)
 
 
 def conv2d_wgrad(grad, x_in, scale, shift, kernel_size, stride, padding, prologue_relu: bool | None):
