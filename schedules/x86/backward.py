@@ -279,16 +279,15 @@ def schedule_dgrad(sch: Schedule, family: str, knobs: DgradKnobs | None = None) 
     # gradient packing: per task (image) or once per call
     cm.pack_channel_blocks(sch, gpad, kb, task if kn.per_image else None)
     cm.pack_weights(sch, wpack, kb, cb, "c")
+    # in-task consumers of the epilogue need the task's planes written without a predicated
+    # tail (TVM derives wrong loop extents for a consumer placed after one)
+    at = planes if kn.row_tasks == 1 and not uneven else None
     if epilogue:
-        # in-task partials need the task's planes written without a predicated tail (TVM
-        # derives wrong loop extents for a consumer placed after one)
-        at = planes if kn.row_tasks == 1 and not uneven else None
         cm.plane_reductions(sch, [(name, B[name]) for name in ("tile_dbeta", "tile_dgamma")], lanes, at)
     if "acc" in B:
         # the running sum, plane by plane right after the task wrote dz's planes: dz is then a
         # task-local buffer (its allocation compacts to what one task writes) that never goes
         # to memory, and each channel plane of the sum is one sequential stream
-        at = planes if kn.row_tasks == 1 and not uneven else None
         if at is None:
             _schedule_spatial_root(sch, B["acc"], lanes)
         else:
