@@ -94,13 +94,17 @@ def _coeffs(c, dtype):
     return rbn.BNCoefficients(invstd * _channel(c, dtype, 0.5), _channel(c, dtype) - 0.3, _channel(c, dtype), invstd)
 
 
+def _dgrad_operands(geometry, prologue, dtype):
+    """The geometry's numbers, then a weight and the gradient at the conv output."""
+    n, c, h, w, k, rs, stride, padding = GEOMETRIES[geometry]
+    p, q = _out_hw(h, w, rs, stride, padding)
+    return (n, c, h, w, stride, padding), torch.randn(k, c, *rs, dtype=dtype), _grad(prologue, n, k, p, q, dtype)
+
+
 @pytest.mark.parametrize("case", DGRAD_CASES, ids=[_case_id(c) for c in DGRAD_CASES])
 def test_dgrad_kernel_matches_reference(case):
     geometry, prologue, epilogue, dtype = case
-    n, c, h, w, k, rs, stride, padding = GEOMETRIES[geometry]
-    p, q = _out_hw(h, w, rs, stride, padding)
-    weight = torch.randn(k, c, *rs, dtype=dtype)
-    grad = _grad(prologue, n, k, p, q, dtype)
+    (n, c, h, w, stride, padding), weight, grad = _dgrad_operands(geometry, prologue, dtype)
     if epilogue is None:
         got = rbn.conv2d_dgrad(grad, weight, (h, w), stride, padding)
         expected = ref_convb.conv2d_dgrad(grad, weight, None, None, None, None, None, (h, w), stride, padding, None)
@@ -135,10 +139,7 @@ ACCUMULATE_CASES = [
 def test_dgrad_running_sum_matches_reference(case):
     """out = accumulate + scale*dz from the epilogue; dz itself is not an output."""
     geometry, prologue, dtype, total = case
-    n, c, h, w, k, rs, stride, padding = GEOMETRIES[geometry]
-    p, q = _out_hw(h, w, rs, stride, padding)
-    weight = torch.randn(k, c, *rs, dtype=dtype)
-    grad = _grad(prologue, n, k, p, q, dtype)
+    (n, c, h, w, stride, padding), weight, grad = _dgrad_operands(geometry, prologue, dtype)
     x_raw, co = torch.randn(n, c, h, w, dtype=dtype), _coeffs(c, dtype)
     source, target = torch.randn(n, total, h, w, dtype=dtype), torch.full((n, total, h, w), 7.0, dtype=dtype)
     before = source.clone()
