@@ -102,7 +102,8 @@ def test_a_class_member_is_measured_with_the_class_best_and_its_default(tuned_fo
     default = knobs_of(design_spaces(member, family, limit=1)[0].trace)
     assert {knob_key(knobs_of(rec.trace)) for _, rec in mine} == {knob_key(fitted), knob_key(default)}
     assert len({knobs_of(rec.trace)["batch"] for _, rec in mine}) == 1, "the settings were timed in one batch"
-    assert knob_key(knobs_of(records.best_record(db, workload_mod(SIBLING)).trace)) == knob_key(knobs_of(mine[0][1].trace))
+    best_sibling = records.best_record(db, workload_mod(SIBLING))
+    assert knob_key(knobs_of(best_sibling.trace)) == knob_key(knobs_of(mine[0][1].trace))
     assert _member_seeds(db, [(SPEC, 1.0), (SIBLING, 0.5)], host_family(), "later") == []
 
 

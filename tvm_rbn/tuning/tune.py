@@ -256,14 +256,17 @@ def tune_specs(
             return (ms.builder.LocalBuilder(f_build=BUILD_FUNC, initializer=register, timeout_sec=60.0),
                     runner or ms.runner.LocalRunner(timeout_sec=60.0, evaluator_config=evaluator_config()))
 
+        def finish(measured: int, seeded: int, tools) -> TuningReport:
+            """Every path's end: measure the class members (``_member_seeds``), publish, report."""
+            member_seeds = _member_seeds(db, weighted, family, batch) if knob_space and tasks else []
+            members = _measure_members(db, member_seeds, target, *tools(), stream) if member_seeds else 0
+            if member_seeds:
+                records.publish(scratch, out)
+            return TuningReport(out, len(tasks), measured, time.perf_counter() - start, report_rows, seeded, members)
+
         if (remaining == 0 and not (remeasure and knob_space)) or not tasks:
             stream.write(f"nothing to tune: {already} trials already recorded for these {len(tasks)} kernels\n")
-            members = 0
-            member_seeds = _member_seeds(db, weighted, family, batch) if knob_space and tasks else []
-            if member_seeds:
-                members = _measure_members(db, member_seeds, target, *measure_tools(), stream)
-                records.publish(scratch, out)
-            return TuningReport(out, len(tasks), 0, time.perf_counter() - start, report_rows, 0, members)
+            return finish(0, 0, measure_tools)
         builder, runner = measure_tools()
         seeded = 0
         if knob_space:
@@ -287,10 +290,7 @@ def tune_specs(
         lines_before_search = sum(1 for _ in open(scratch / records.RECORDS))
         if remaining == 0:
             stream.write(f"no search: {already - seeded} trials already recorded for these {len(tasks)} kernels\n")
-            members = _measure_members(db, _member_seeds(db, weighted, family, batch) if knob_space else [], target,
-                                       builder, runner, stream)
-            records.publish(scratch, out)
-            return TuningReport(out, len(tasks), 0, time.perf_counter() - start, report_rows, seeded, members)
+            return finish(0, seeded, lambda: (builder, runner))
         callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
         publisher, clock = _make_callback(scratch, out, remaining, hard_deadline, start, stream)
         callbacks.append(publisher)
@@ -306,10 +306,7 @@ def tune_specs(
         records.publish(scratch, out)
         measured = sum(1 for _ in open(scratch / records.RECORDS)) - lines_before_search
         stream.write("\n")
-        members = _measure_members(db, _member_seeds(db, weighted, family, batch) if knob_space else [], target,
-                                   builder, runner, stream)
-        records.publish(scratch, out)
-        return TuningReport(out, len(tasks), measured, time.perf_counter() - start, report_rows, seeded, members)
+        return finish(measured, seeded, lambda: (builder, runner))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -416,8 +413,8 @@ def _member_seeds(db, weighted, family: str, batch: str) -> list[tuple[object, o
     recorded. A class is tuned as its heaviest member, and a setting's rank can change with
     the input channels: densenet121's 56x56 1x1 weight-gradient class measured its best
     setting 5% faster than the default at 224 channels, and in one alternating comparison the
-    same setting ran up to 1.37x slower at 64-192 (timings on this machine swing as much). The build takes a member's own fastest record
-    (``build.compile.lower_spec``) before the class's."""
+    same setting ran up to 1.37x slower at 64-192 (timings on this machine swing as much). The
+    build takes a member's own fastest record (``build.compile.lower_spec``) before the class's."""
     import tvm_ffi
 
     from tvm_rbn.schedules import design_spaces
