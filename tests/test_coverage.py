@@ -49,6 +49,7 @@ class CountCopies(TorchDispatchMode):
         self.cats = 0
         self.copies = 0
         self.zero_fills = 0  # activation-sized tensors filled with zeros (e.g. materialized gradients)
+        self.torch_convs = 0  # PyTorch's own convolutions, forward or backward
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -57,6 +58,8 @@ class CountCopies(TorchDispatchMode):
             with self:
                 return opdef._init_fn(*args, **kwargs)
         out = func(*args, **kwargs)
+        if func.overloadpacket in (torch.ops.aten.convolution, torch.ops.aten.convolution_backward):
+            self.torch_convs += 1
         if isinstance(out, torch.Tensor) and out.dim() == 4:
             if func.overloadpacket is torch.ops.aten.cat:
                 self.cats += 1
@@ -82,12 +85,16 @@ def test_densenet_forward_and_backward_make_no_concatenation_copies():
     model = tvm_rbn.restructure(copy.deepcopy(reference))
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     provider.prepare([spec for spec, _ in extract(reference, x.shape, dtype=torch.float64)])
-    counts = {}
+    counts, convs = {}, {}
     for label, m in (("eager", reference), ("restructured", model)):
         with CountCopies() as mode:
             m(x).sum().backward()
         counts[label] = (mode.cats, mode.copies, mode.zero_fills)
+        convs[label] = mode.torch_convs
     assert counts["eager"][0] == (2 + 1) + (3 + 1), counts  # one cat per layer and per block output
+    # every conv on our kernels, the transition's too (moved after its pool): the stem, 2 x (2 + 3)
+    # in the blocks and the transition, each forward and backward in eager
+    assert convs == {"eager": 2 * (1 + 2 * 5 + 1), "restructured": 0}, convs
     # restructured: no concatenation; per block, one copy of its input into the block buffer
     # (forward) and none in backward (the first layer reads the incoming gradient in place, each
     # conv1 data gradient writes the running sum from its epilogue); no zero gradient

@@ -44,6 +44,13 @@ def test_conv2d_stats(case):
     assert_close(tile_m2, ref_m2.float(), "tile_m2", scale=float(ref_m2.abs().max()))
 
 
+@pytest.mark.parametrize("case", LAYERS, ids=LAYER_IDS)
+def test_plain_conv2d(case):
+    x, weight, _, _, stride, padding = _inputs(case)
+    assert_close(rbn.conv2d(x, weight, stride, padding), F.conv2d(x, weight, stride=stride, padding=padding),
+                 "conv output")
+
+
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "no-relu"])
 @pytest.mark.parametrize("case", LAYERS, ids=LAYER_IDS)
 def test_bn_relu_conv2d_stats(case, relu):

@@ -195,8 +195,12 @@ class Transition(nn.Module):
 
 
 TRANSITIONS = {
-    "1x1-2x2": (nn.Conv2d(8, 4, 1, bias=False), nn.AvgPool2d(2), "average-pool kernel of pool (one pass; conv moved"),
-    "1x1-bias-3x3": (nn.Conv2d(8, 4, 1), nn.AvgPool2d(3), "average-pool kernel of pool (one pass; conv moved"),
+    "1x1-2x2": (nn.Conv2d(8, 4, 1, bias=False), nn.AvgPool2d(2),
+                "average-pool kernel of pool (one pass; conv moved after it, ours)"),
+    "1x1-bias-3x3": (nn.Conv2d(8, 4, 1), nn.AvgPool2d(3),
+                     "average-pool kernel of pool (one pass; conv moved after it, ours)"),
+    "1x1-groups-moved-kept": (nn.Conv2d(8, 4, 1, groups=2, bias=False), nn.AvgPool2d(2),
+                              "average-pool kernel of pool (one pass; conv moved after it, PyTorch's)"),
     "3x3-conv-kept": (nn.Conv2d(8, 4, 3, padding=1, bias=False), nn.AvgPool2d(2), "prologue of conv"),
     "overlapping-pool-kept": (nn.Conv2d(8, 4, 1, bias=False), nn.AvgPool2d(3, 2), "prologue of conv"),
     "padded-pool-kept": (nn.Conv2d(8, 4, 1, bias=False), nn.AvgPool2d(2, padding=1), "prologue of conv"),

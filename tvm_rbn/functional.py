@@ -153,6 +153,12 @@ def _conv(x, scale, shift, weight, stride, padding, relu, stats, out=None):
     return y, tile_sum, tile_m2
 
 
+def conv2d(x, weight, stride=1, padding=0, *, out=None):
+    """conv2d(x, weight), for a conv with no BatchNorm to fuse on either side (a DenseNet
+    transition's 1x1 conv, moved after its pool); x and `out` as in ``conv2d_stats``."""
+    return _conv(x, None, None, weight, stride, padding, None, False, out)
+
+
 def conv2d_stats(x, weight, stride=1, padding=0, *, out=None):
     """conv2d(x, weight) with the statistics epilogue: (y, tile_sum, tile_m2) per (n, k) plane.
 

@@ -9,8 +9,9 @@ For every BatchNorm2d node:
              applies BN(+ReLU) in its prologue; a MaxPool2d (a stem's) becomes one fused
              BN(+ReLU) + max-pool kernel, and so does an AvgPool2d over non-overlapping
              windows, also when it follows a 1x1 conv (a DenseNet transition: the conv moves
-             after the pool, which it commutes with, and does kh*kw times fewer FLOPs); any
-             other user reads one materialized activation (standalone apply kernel).
+             after the pool, which it commutes with, does kh*kw times fewer FLOPs and runs
+             on our kernels as a plain conv); any other user reads one materialized
+             activation (standalone apply kernel).
 
 BatchNorms named in `fallback` (measured slower than PyTorch at build time, or forced) stay
 unchanged PyTorch modules, like unsupported ones, and so does the conv that produces their
@@ -223,8 +224,12 @@ def rewrite(gm: fx.GraphModule, prefix: str = "", fallback: dict[str, str] | Non
                 pool_node.replace_all_uses_with(new)
                 graph.erase_node(pool_node)
                 graph.erase_node(user)
+                where = "PyTorch's"
+                if not conv_unsupported(conv):  # a plain conv on our kernels, counted for this BN
+                    _set_module(gm, user.target, RBNConv2d.from_conv(conv, False, decision.kernels))
+                    where = "ours"
                 decision.apply.append(f"average-pool kernel of {prefix}{pool_node.target} (one pass; "
-                                      f"{prefix}{user.target} moved after it)")
+                                      f"{prefix}{user.target} moved after it, {where})")
             elif avg_window is not None:
                 with graph.inserting_before(user):
                     new = graph.call_function(bn_avgpool, (y, coeffs, relu, avg_window))

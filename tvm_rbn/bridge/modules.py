@@ -108,7 +108,9 @@ class RBNBatchNorm2d(nn.BatchNorm2d):
 
 
 class RBNConv2d(nn.Conv2d):
-    """A Conv2d whose input is a BatchNorm's (y, coeffs): apply(+ReLU) fused as prologue."""
+    """A Conv2d on our kernels whose input is a BatchNorm's (y, coeffs), apply(+ReLU) fused as
+    prologue; or, called with a tensor alone, a plain conv (a DenseNet transition's, which the
+    BatchNorm's apply reaches through the pool in front of it)."""
 
     relu_in: bool = True
 
@@ -120,7 +122,7 @@ class RBNConv2d(nn.Conv2d):
         new.kernels = kernels
         return new
 
-    def forward(self, y, coeffs):
+    def forward(self, y, coeffs=None):
         with provider.owner(self.kernels):
             return torch.ops.tvm_rbn.conv_prologue(
                 y, coeffs, self.relu_in, self.weight, list(self.stride), list(self.padding), self.bias)

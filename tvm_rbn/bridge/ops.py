@@ -8,7 +8,8 @@ compute relu(y*scale + shift), and reduce their BatchNorm gradient partials cent
                     finalize of the BN that follows -> (y raw, coeffs, new running mean/var)
     bn_train        statistics + finalize of a BN whose input is not one of our convs
     bn_eval         coeffs of an eval-mode BN, from its running statistics
-    conv_prologue   [apply(+ReLU) prologue] + conv, no BN after it
+    conv_prologue   [apply(+ReLU) prologue] + conv, no BN after it (without coeffs: a plain
+                    conv, e.g. a DenseNet transition's, moved after its pool)
     bn_apply        the standalone apply(+ReLU), for consumers that are not our convs
     bn_add_relu     the end of a residual block, relu(bn(y) + identity) or relu(bn(y) + bn2(y2)),
                     one pass forward and one backward (masked gradient + both BNs' partials)
@@ -158,10 +159,13 @@ def _(gamma, beta, running_mean, running_var, eps, conv_bias=None):
 
 
 @torch.library.custom_op(f"{_LIB}::conv_prologue", mutates_args=())
-def conv_prologue(x: Tensor, coeffs_in: Tensor, relu_in: bool, weight: Tensor, stride: list[int],
+def conv_prologue(x: Tensor, coeffs_in: Optional[Tensor], relu_in: bool, weight: Tensor, stride: list[int],
                   padding: list[int], conv_bias: Optional[Tensor] = None) -> Tensor:
-    c = _coeffs(coeffs_in)
-    y = rbn.bn_relu_conv2d(x.detach(), c.scale, c.shift, weight.detach(), stride, padding, relu_in)
+    if coeffs_in is None:
+        y = rbn.conv2d(x.detach(), weight.detach(), stride, padding)
+    else:
+        c = _coeffs(coeffs_in)
+        y = rbn.bn_relu_conv2d(x.detach(), c.scale, c.shift, weight.detach(), stride, padding, relu_in)
     if conv_bias is not None:  # no BatchNorm follows to fold it into: added here
         y.add_(conv_bias.detach().view(1, -1, 1, 1))
     return y
