@@ -259,8 +259,9 @@ def tune_specs(
         def finish(measured: int, seeded: int, tools) -> TuningReport:
             """Every path's end: measure the class members (``_member_seeds``), publish, report."""
             member_seeds = _member_seeds(db, weighted, family, batch) if knob_space and tasks else []
-            members = _measure_members(db, member_seeds, target, *tools(), stream) if member_seeds else 0
+            members = 0
             if member_seeds:
+                members = _measure_members(db, member_seeds, target, *tools(), stream)
                 records.publish(scratch, out)
             return TuningReport(out, len(tasks), measured, time.perf_counter() - start, report_rows, seeded, members)
 
