@@ -107,6 +107,36 @@ def test_a_class_member_is_measured_with_the_class_best_and_its_default(tuned_fo
     assert _member_seeds(db, [(SPEC, 1.0), (SIBLING, 0.5)], host_family(), "later") == []
 
 
+def test_new_only_selects_the_kernels_the_records_do_not_cover(tuned_folder, tmp_path):
+    """``tune --new-only`` tunes only the kernels a build would give the default schedule: SPEC
+    has records of its own, SIBLING was measured as a class member, a third member of their
+    class has the class's records; a kernel of another structure has none (nor has any kernel
+    under an empty log folder)."""
+    from tvm_rbn.tuning.tune import without_records
+
+    member = KernelSpec.make("conv2d_fused", n=1, c=24, h=8, w=8, k=8, r=3, s=3, stride=(1, 1), padding=(1, 1),
+                             dtype="float32", prologue_relu=True, stats=False)
+    other = KernelSpec.make("conv2d_fused", n=1, c=8, h=8, w=8, k=16, r=1, s=1, stride=(1, 1), padding=(0, 0),
+                            dtype="float32", prologue_relu=None, stats=False)
+    weighted = [(SPEC, 1.0), (SIBLING, 0.5), (member, 0.3), (other, 0.2)]
+    assert without_records(weighted, tuned_folder, host_family()) == [(other, 0.2)]
+    assert without_records(weighted, tmp_path / host_family(), host_family()) == weighted
+
+
+def test_new_only_cli_with_nothing_new_tunes_nothing(tmp_path, monkeypatch, capsys):
+    """The CLI flag reaches the selection, and with every kernel covered no task is created."""
+    from tvm_rbn import __main__ as cli
+    from tvm_rbn.tuning import tune as tuning
+
+    seen = []
+    monkeypatch.setattr(tuning, "without_records", lambda weighted, folder, family: seen.append(weighted) or [])
+    monkeypatch.setattr(tuning, "tune_specs", lambda *a, **k: pytest.fail("tune_specs ran with nothing to tune"))
+    assert cli.main(["tune", "--model", "resnet18", "--batch", "2", "--size", "32", "--new-only",
+                     "--logs", str(tmp_path)]) == 0
+    assert seen and seen[0], "the model's kernels were not offered to the selection"
+    assert "nothing to tune" in capsys.readouterr().out
+
+
 def test_search_proposals_of_measured_settings_are_dropped():
     """The evolutionary search seeds its population from the database's records and may
     propose one of them again: the tuner measures each setting of a class once."""

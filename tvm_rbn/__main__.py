@@ -76,7 +76,11 @@ def _tune(args) -> int:
     print(f"tuning {args.model} at input {_shape(args)} for {family}: budget {args.trials} trials"
           + (f" or {args.seconds:.0f} s" if args.seconds else "") + f"; records go to {out}", flush=True)
     report = tune(_model(args), _shape(args), out=out, family=family, trials=args.trials, seconds=args.seconds,
-                  trials_per_batch=args.batch_trials, remeasure=args.remeasure, runner=runner, target=target)
+                  new_only=args.new_only, trials_per_batch=args.batch_trials, remeasure=args.remeasure,
+                  runner=runner, target=target)
+    if args.new_only and not report.tasks:
+        print("--new-only: every kernel already has records of its own or of its structure class; nothing to tune")
+        return 0
     seeded = f" (and {report.seeds} settings measured first)" if report.seeds else ""
     print(f"{report.trials} trials{seeded} over {report.tasks} kernels in {report.seconds:.0f} s "
           f"({report.seconds_per_trial:.1f} s per measurement); records in {report.folder}")
@@ -153,6 +157,9 @@ def main(argv=None) -> int:
     p.add_argument("--remeasure", type=int, default=0, metavar="N",
                    help="first measure each kernel's N fastest recorded settings again, and rank by those "
                         "times (after an update of the schedule templates); not counted in --trials")
+    p.add_argument("--new-only", action="store_true",
+                   help="tune only the kernels without records of their own or of their structure class "
+                        "(those a model change added); --trials is then their budget")
     p.add_argument("--logs", default=None, help="tuning-log root (default: the project's tuning_logs/); "
                                                 "records go to LOGS/<target family>/")
     p.add_argument("--target", default="cpu", metavar="cpu|x86-avx2|x86-avx512|cuda:sm_XX",

@@ -518,14 +518,32 @@ def _strategy(family: str):
                                                  init_min_unmeasured=1, genetic_num_iters=0, eps_greedy=0.1)
 
 
+def without_records(weighted: list[tuple[KernelSpec, float]], folder: Path, family: str) -> list:
+    """The (spec, weight) pairs that a build from `folder` would give the default schedule:
+    no record of their own (or of their ``tuning_twin``) and none of their structure class."""
+    if not records.has_records(folder):
+        return list(weighted)
+    db = records.load(folder, family)
+    classes = records.class_knobs(db)
+    return [(spec, w) for spec, w in weighted
+            if records.best_record(db, workload_mod(tuning_twin(spec))) is None
+            and structure_class(spec) not in classes]
+
+
 def tune(model, input_shape, *, out: str | os.PathLike | None = None, family: str | None = None,
-         trials: int = 64, seconds: float | None = None, **kwargs) -> TuningReport:
-    """Tune every convolution kernel of one training step of `model` at `input_shape`."""
+         trials: int = 64, seconds: float | None = None, new_only: bool = False, **kwargs) -> TuningReport:
+    """Tune every convolution kernel of one training step of `model` at `input_shape`; with
+    `new_only`, only those the records do not cover yet (``without_records``: kernels a model
+    change added), the others' records left as they are."""
     from ..build.workloads import extract
 
     family = family or host_family()
+    folder = Path(out) if out else records.folder(family)
     tunable = [(spec, count) for spec, count in extract(model, input_shape) if is_tunable(spec)]
     weighted = [(spec, count * flops(spec)) for spec, count in tunable]
     weighted = [(s, w if w > 0 else flops(s)) for s, w in weighted]  # eval-only kernels: weight of one call
-    return tune_specs(weighted, Path(out) if out else records.folder(family), family=family, trials=trials,
-                      seconds=seconds, **kwargs)
+    if new_only:
+        weighted = without_records(weighted, folder, family)
+        if not weighted:
+            return TuningReport(folder, 0, 0, 0.0)
+    return tune_specs(weighted, folder, family=family, trials=trials, seconds=seconds, **kwargs)
