@@ -28,26 +28,24 @@ def lower_spec(spec: KernelSpec, family: str, database=None, target=None):
 
     from tvm.s_tir import Schedule
 
-    from ..tuning.records import best_record, class_knobs
-    from ..tuning.tasks import is_tunable, structure_class, tuning_twin, workload_mod
+    from ..tuning.records import records_for
+    from ..tuning.tasks import is_tunable, tuning_twin, workload_mod
 
     func = spec.prim_func().with_attr("global_symbol", spec.symbol)
     if database is not None and is_tunable(spec):
-        twin = tuning_twin(spec)  # a slice-reading or running-sum kernel's records are its twin's
-        mod = workload_mod(twin)
-        rec = best_record(database, mod)
+        # a slice-reading or running-sum kernel's records are its twin's
+        rec, class_setting = records_for(database, spec)
         if rec is not None:
             knobs = knobs_of(rec.trace)
             sch = apply_knobs(func, family, knobs) if knobs else None
             if sch is not None:
                 return sch.mod["main"].with_attr("global_symbol", spec.symbol), "tuned"
-            if twin is spec:  # a trace replays on the workload it was recorded for
-                sch = Schedule(mod)
+            if tuning_twin(spec) is spec:  # a trace replays on the workload it was recorded for
+                sch = Schedule(workload_mod(spec))
                 rec.trace.apply_to_schedule(sch, remove_postproc=False)
                 return restore_untraced(sch.mod["main"]).with_attr("global_symbol", spec.symbol), "tuned"
-        knobs = class_knobs(database).get(structure_class(spec))
-        if knobs is not None:
-            sch = apply_knobs(func, family, knobs, fit=True)
+        if class_setting is not None:
+            sch = apply_knobs(func, family, class_setting, fit=True)
             if sch is not None:
                 return sch.mod["main"].with_attr("global_symbol", spec.symbol), "class"
     return default_schedule(func, family).mod["main"].with_attr("global_symbol", spec.symbol), None

@@ -242,3 +242,12 @@ def best_record(database, mod):
 def class_knobs(database) -> dict[str, dict]:
     """structure class -> the knob annotation of its best measured record."""
     return _index(database)[1]
+
+
+def records_for(database, spec) -> tuple:
+    """What `database` offers a kernel: (the best record of its ``tuning_twin``, or None; its
+    structure class's best knob annotation, or None). The build (``build.compile.lower_spec``)
+    and ``tune --new-only`` (``tuning.tune.without_records``) read a kernel's records this way."""
+    from .tasks import structure_class, tuning_twin, workload_mod
+
+    return best_record(database, workload_mod(tuning_twin(spec))), class_knobs(database).get(structure_class(spec))

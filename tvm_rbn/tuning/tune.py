@@ -524,10 +524,7 @@ def without_records(weighted: list[tuple[KernelSpec, float]], folder: Path, fami
     if not records.has_records(folder):
         return list(weighted)
     db = records.load(folder, family)
-    classes = records.class_knobs(db)
-    return [(spec, w) for spec, w in weighted
-            if records.best_record(db, workload_mod(tuning_twin(spec))) is None
-            and structure_class(spec) not in classes]
+    return [(spec, w) for spec, w in weighted if records.records_for(db, spec) == (None, None)]
 
 
 def tune(model, input_shape, *, out: str | os.PathLike | None = None, family: str | None = None,
